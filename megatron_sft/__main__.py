@@ -1,0 +1,5 @@
+import sys
+
+from megatron_sft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""CPU shims that let megatron-core run on a machine without CUDA (gloo backend).
+
+megatron-core assumes a CUDA device in a handful of places (RNG tracker, buffer placement,
+hard-coded ``device="cuda"``). On a CPU-only machine we redirect those to the CPU so that
+TP / SP / PP / interleaved PP run unchanged for development and CI. Nothing here is active
+when CUDA is available: :func:`apply_cpu_shims` is a no-op then.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_DEVICE_MODE: "_CudaToCpuMode | None" = None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _to_cpu_device(value: Any) -> Any:
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(value, str) and value.startswith("cuda"):
+        return "cpu"
+    return value
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites ``device=cuda`` arguments to cpu and makes ``Tensor.cuda()`` a no-op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.to:
+            args = tuple(_to_cpu_device(a) for a in args)
+        return func(*args, **kwargs)
+
+
+def apply_cpu_shims() -> bool:
+    """Install the shims once per process. Returns True when they are active."""
+    global _APPLIED, _DEVICE_MODE
+    if cuda_available():
+        return False
+    if _APPLIED:
+        return True
+
+    # 1. RNG: route the CUDA generator calls used by megatron's RNG tracker to the CPU generator.
+    # (torch.manual_seed itself calls torch.cuda.manual_seed_all, which therefore stays a no-op.)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
+    torch.cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()  # type: ignore[assignment]
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)  # type: ignore[assignment]
+    from megatron.core.tensor_parallel import random as mc_random
+
+    mc_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state().clone()
+    mc_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # 2. Device placement: megatron places buffers on torch.cuda.current_device().
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.device_count = lambda: 0  # type: ignore[assignment]
+
+    # 3. Hard-coded cuda devices and .cuda() calls.
+    _DEVICE_MODE = _CudaToCpuMode()
+    _DEVICE_MODE.__enter__()
+
+    _APPLIED = True
+    return True
+
+
+def cpu_transformer_config_overrides() -> dict[str, Any]:
+    """TransformerConfig flags that must be set on CPU (fusions need CUDA kernels)."""
+    return dict(
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def mark_norms_sequence_parallel(model: torch.nn.Module) -> int:
+    """Tag norm parameters ``sequence_parallel=True`` under SP (what TE/Apex norms do).
+
+    The local spec's torch norms do not tag their weights, so ``finalize_model_grads`` would
+    not all-reduce their gradients over TP. Returns how many parameters were tagged.
+    """
+    tagged = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or "Norm" in type(module).__name__:
+            for param in module.parameters(recurse=False):
+                param.sequence_parallel = True
+                tagged += 1
+    return tagged
+
+
+@functools.cache
+def default_backend() -> str:
+    return "nccl" if cuda_available() else "gloo"

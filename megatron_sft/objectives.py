@@ -1,0 +1,341 @@
+"""Probability-based SFT objectives f(p) and their gradient weights.
+
+Every objective is a per-token function f(p) of the target-token probability p, non-increasing in p.
+Its gradient with respect to the logits is
+
+    d f(p) / d z = w(p) * (softmax(z) - onehot(y)),   w(p) = -f'(p) * p,
+
+so the weight on the target logit is W_f(p) = w(p) * (1 - p) (the paper's W_f). The vocab-parallel loss
+(:mod:`megatron_sft.loss`) only needs ``value(log p)`` and ``weight(log p)`` from an objective, which is
+why every objective here is written in terms of log p: it is what the all-reduces deliver and it is
+numerically stable where p underflows.
+
+Some objectives also *select* tokens: thresholded ones keep tokens with p above / below q, percentile
+ones keep the top / bottom k% of the batch's tokens by p. Selection is a stop-gradient mask.
+
+Spec strings (``parse_objective``) accept readable names and the reference implementation's keys;
+``megatron-sft objectives`` prints the table below with each objective's W_f peak.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+import torch
+
+Tensor = torch.Tensor
+Selection = Literal["none", "above", "below", "top_percent", "bottom_percent"]
+
+# Floor for 1 - p where an objective divides by it or takes its log: log(1 - p) is flat (and its weight 0)
+# for p > 1 - 1e-6, which bounds log(1 - p) below by log(1e-6) instead of -inf at p == 1.
+ONE_MINUS_P_EPS = 1e-6
+_LOG_EPS = math.log(ONE_MINUS_P_EPS)
+
+
+@dataclass(frozen=True)
+class Base:
+    """A base function f(p) and its gradient weight w(p) = -f'(p) p.
+
+    Both take (log p, log(1 - p)); the loss computes each without cancellation (1 - p as the sum of the
+    other tokens' probabilities), so objectives near p -> 1 such as log(1 - p) stay accurate in fp32.
+    """
+
+    key: str
+    formula: str
+    value: Callable[[Tensor, Tensor], Tensor]
+    weight: Callable[[Tensor, Tensor], Tensor]
+
+
+def _nll() -> Base:
+    return Base("nll", "-log p", lambda lp, l1mp: -lp, lambda lp, l1mp: torch.ones_like(lp))
+
+
+def _neg_p() -> Base:
+    return Base("neg_p", "1 - p", lambda lp, l1mp: l1mp.exp(), lambda lp, l1mp: lp.exp())
+
+
+def _family(alpha: float) -> Base:
+    # f = (1 - p^a)/a ; f' = -p^(a-1) ; w = p^a
+    return Base(
+        f"family:{alpha:g}",
+        f"(1 - p^{alpha:g}) / {alpha:g}",
+        lambda lp, l1mp: -torch.expm1(alpha * lp) / alpha,
+        lambda lp, l1mp: torch.exp(alpha * lp),
+    )
+
+
+def _log1mp() -> Base:
+    # f = log(1 - p) ; f' = -1/(1-p) ; w = p / (1 - p), 0 where the floor is active (f is flat there).
+    def value(lp: Tensor, l1mp: Tensor) -> Tensor:
+        return l1mp.clamp_min(_LOG_EPS)
+
+    def weight(lp: Tensor, l1mp: Tensor) -> Tensor:
+        return torch.where(l1mp > _LOG_EPS, torch.exp(lp - l1mp.clamp_min(_LOG_EPS)), torch.zeros_like(lp))
+
+    return Base("log1mp", "log(1 - p)", value, weight)
+
+
+def _dft() -> Base:
+    # Dynamic fine-tuning: f = -sg(p) log p ; the gradient treats p as a constant, w = p.
+    return Base("dft", "-sg(p) log p", lambda lp, l1mp: -lp.exp() * lp, lambda lp, l1mp: lp.exp())
+
+
+def _focal(gamma: float) -> Base:
+    # f = -(1-p)^g log p ; w = -f'(p) p = (1-p)^g - g (1-p)^(g-1) p log p
+    def value(lp: Tensor, l1mp: Tensor) -> Tensor:
+        return -torch.exp(gamma * l1mp) * lp
+
+    def weight(lp: Tensor, l1mp: Tensor) -> Tensor:
+        if gamma == 0:
+            return torch.ones_like(lp)
+        l1mp = l1mp.clamp_min(-80.0)  # (1-p)^(g-1) for g < 1 at p == 1: finite, multiplied by p log p = 0
+        return torch.exp(gamma * l1mp) - gamma * torch.exp((gamma - 1) * l1mp) * lp.exp() * lp
+
+    return Base(f"focal:{gamma:g}", f"-(1 - p)^{gamma:g} log p", value, weight)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A base f(p) and an optional token selection (stop-gradient)."""
+
+    spec: str
+    base: Base
+    selection: Selection = "none"
+    threshold: float = 0.0  # q for above/below, k (percent) for top/bottom_percent
+    description: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.base.key if self.selection == "none" else f"{self.base.key}[{self.selection}={self.threshold:g}]"
+
+    @property
+    def formula(self) -> str:
+        f = self.base.formula
+        return {
+            "none": f,
+            "above": f"({f}) * 1[p >= {self.threshold:g}]",
+            "below": f"({f}) * 1[p <= {self.threshold:g}]",
+            "top_percent": f"({f}) on the top {self.threshold:g}% of tokens by p",
+            "bottom_percent": f"({f}) on the bottom {self.threshold:g}% of tokens by p",
+        }[self.selection]
+
+    @property
+    def needs_batch_statistics(self) -> bool:
+        """Percentile selections depend on the p of every token in the batch (an all-gather)."""
+        return self.selection in ("top_percent", "bottom_percent")
+
+    def value(self, logp: Tensor, log1mp: Tensor) -> Tensor:
+        """f(p) from log p and log(1 - p)."""
+        return self.base.value(logp, log1mp)
+
+    def weight(self, logp: Tensor, log1mp: Tensor) -> Tensor:
+        """w(p) = -f'(p) p: the factor on (softmax - onehot) in the logit gradient."""
+        return self.base.weight(logp, log1mp)
+
+    def select(self, p: Tensor, valid: Tensor, group: Optional[torch.distributed.ProcessGroup] = None) -> Tensor:
+        """Boolean mask of the valid tokens this objective trains on.
+
+        ``group``: process group whose ranks hold the other parts of the batch (data parallel); the
+        percentile is taken over the valid tokens of all of them.
+        """
+        if self.selection == "none":
+            return valid
+        if self.selection == "above":
+            return valid & (p >= self.threshold)
+        if self.selection == "below":
+            return valid & (p <= self.threshold)
+        all_p = _gather_valid(p[valid], group)
+        n = all_p.numel()
+        if n == 0:
+            return valid
+        keep_count = max(1, math.ceil(self.threshold / 100.0 * n))
+        keep_count = min(keep_count, n)
+        if self.selection == "top_percent":
+            cutoff = torch.topk(all_p, keep_count, largest=True, sorted=True).values[-1]
+            return valid & (p >= cutoff)
+        cutoff = torch.topk(all_p, keep_count, largest=False, sorted=True).values[-1]
+        return valid & (p <= cutoff)
+
+    # --- analysis -------------------------------------------------------------------------------
+    def gradient_weight_curve(self, p: Tensor) -> Tensor:
+        """W_f(p) = w(p) (1 - p) on a grid of p, with thresholds applied (percentiles: unselected)."""
+        w = self.weight(torch.log(p), torch.log1p(-p)) * (1 - p)
+        if self.selection == "above":
+            w = torch.where(p >= self.threshold, w, torch.zeros_like(w))
+        elif self.selection == "below":
+            w = torch.where(p <= self.threshold, w, torch.zeros_like(w))
+        return w
+
+    def weight_peak(self) -> float:
+        """Where W_f(p) peaks on (0, 1): the paper's prior-leaning / prior-averse diagnostic."""
+        grid = torch.linspace(1e-4, 1 - 1e-4, 9999, dtype=torch.float64)
+        return float(grid[torch.argmax(self.gradient_weight_curve(grid))])
+
+    def weight_centroid(self) -> float:
+        """Mean p under W_f: where on (0, 1) the objective puts its gradient mass."""
+        grid = torch.linspace(1e-4, 1 - 1e-4, 9999, dtype=torch.float64)
+        w = self.gradient_weight_curve(grid)
+        return float((grid * w).sum() / w.sum())
+
+    @property
+    def prior(self) -> str:
+        """'prior-leaning' when W_f's mass sits at p >= 0.5 (centroid), else 'prior-averse'.
+
+        The centroid rather than the peak decides because thresholds move the peak onto the threshold
+        itself: -log p * 1[p >= 0.3] peaks at 0.3 but trains only on likely tokens. For the family
+        (1 - p^a)/a the centroid is (a+1)/(a+3), so a >= 1 is leaning and a < 1 averse (a -> 0 is NLL).
+        Percentile selections keep high-p (top) or low-p (bottom) tokens, which decides their lean.
+        """
+        if self.selection == "top_percent":
+            return "prior-leaning"
+        if self.selection == "bottom_percent":
+            return "prior-averse"
+        return "prior-leaning" if self.weight_centroid() >= 0.5 - 1e-6 else "prior-averse"
+
+
+def _gather_valid(values: Tensor, group: Optional[torch.distributed.ProcessGroup]) -> Tensor:
+    """All-gather a 1-D tensor of per-rank varying length over ``group`` (identity without one)."""
+    if group is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
+        return values
+    world = torch.distributed.get_world_size(group)
+    count = torch.tensor([values.numel()], dtype=torch.long, device=values.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count, group=group)
+    max_count = int(max(c.item() for c in counts))
+    padded = torch.zeros(max_count, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded, group=group)
+    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Spec parsing
+# ------------------------------------------------------------------------------------------------
+
+_NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+
+_BASES_WITHOUT_ARG: dict[str, Callable[[], Base]] = {"nll": _nll, "neg_p": _neg_p, "log1mp": _log1mp}
+
+# (regex, builder(number) -> (base, selection)) ; readable forms first, then reference keys.
+_ALIASES: dict[str, str] = {
+    "original": "nll",
+    "logp": "nll",
+    "p": "neg_p",
+    "-p": "neg_p",
+    "one_minus_p": "neg_p",
+    "dft": "dft",
+    "focal": "focal:2",
+}
+_REFERENCE_KEYS: dict[str, str] = {
+    "GeneralFamily": "family",
+    "OnlyTopP": "neg_p_above",
+    "OnlyBottomP": "neg_p_below",
+    "OnlyTopLogP": "nll_above",
+    "OnlyBottomLogP": "nll_below",
+    "UnlikehoodTop": "log1mp_above",
+    "UnlikehoodBottom": "log1mp_below",
+}
+
+VALID_FORMS = """\
+Valid objective specs (readable form | reference key):
+  nll                      | original, logp          -log p                      (standard SFT)
+  neg_p                    | p                       1 - p  (i.e. -p)
+  family:<alpha>           | GeneralFamily-<alpha>   (1 - p^alpha)/alpha, alpha > 0
+  log1mp                   |                         log(1 - p)
+  dft                      |                         -sg(p) log p                (dynamic fine-tuning)
+  focal[:<gamma>]          |                         -(1-p)^gamma log p, gamma >= 0 (default 2)
+  <base>_above:<q>         | OnlyTopP-<q> (neg_p), OnlyTopLogP-<q> (nll), UnlikehoodTop-<q> (log1mp)
+                                                     f(p) * 1[p >= q], 0 <= q <= 1
+  <base>_below:<q>         | OnlyBottomP-<q>, OnlyBottomLogP-<q>, UnlikehoodBottom-<q>
+                                                     f(p) * 1[p <= q], 0 <= q <= 1
+  <base>_top:<k>           |                         f(p) on the top k% of the batch's tokens by p, 0 < k <= 100
+  <base>_bottom:<k>        |                         f(p) on the bottom k% of the batch's tokens by p
+  where <base> is one of nll, neg_p, log1mp."""
+
+
+class ObjectiveSpecError(ValueError):
+    """An objective spec string that does not parse; the message lists the valid forms."""
+
+
+def _fail(spec: str, why: str) -> ObjectiveSpecError:
+    return ObjectiveSpecError(f"invalid objective spec {spec!r}: {why}\n{VALID_FORMS}")
+
+
+def _number(spec: str, text: str) -> float:
+    if not re.fullmatch(_NUM, text or ""):
+        raise _fail(spec, f"{text!r} is not a number")
+    value = float(text)
+    if not math.isfinite(value):
+        raise _fail(spec, f"{text!r} is not finite")
+    return value
+
+
+def _canonical(spec: str) -> str:
+    """Map reference keys ``Key-<x>`` and aliases to the readable ``name[:arg]`` form."""
+    s = spec.strip()
+    if s in _ALIASES:
+        return _ALIASES[s]
+    if "-" in s and not s.startswith("-"):
+        key, arg = s.split("-", 1)
+        if key in _REFERENCE_KEYS:
+            return f"{_REFERENCE_KEYS[key]}:{arg}"
+    return s
+
+
+def parse_objective(spec: str) -> Objective:
+    """Parse an objective spec (see ``VALID_FORMS``); raises ObjectiveSpecError with the valid forms."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _fail(str(spec), "empty spec")
+    canonical = _canonical(spec)
+    name, _, arg = canonical.partition(":")
+    has_arg = ":" in canonical
+
+    if name in _BASES_WITHOUT_ARG:
+        if has_arg:
+            raise _fail(spec, f"{name!r} takes no argument")
+        return Objective(spec, _BASES_WITHOUT_ARG[name]())
+    if name == "dft":
+        if has_arg:
+            raise _fail(spec, "'dft' takes no argument")
+        return Objective(spec, _dft())
+    if name == "family":
+        alpha = _number(spec, arg)
+        if alpha <= 0:
+            raise _fail(spec, f"alpha must be > 0 (alpha -> 0 is nll), got {alpha:g}")
+        return Objective(spec, _family(alpha))
+    if name == "focal":
+        gamma = _number(spec, arg) if has_arg else 2.0
+        if gamma < 0:
+            raise _fail(spec, f"gamma must be >= 0, got {gamma:g}")
+        return Objective(spec, _focal(gamma))
+
+    match = re.fullmatch(r"(nll|neg_p|log1mp)_(above|below|top|bottom)", name)
+    if match:
+        base = _BASES_WITHOUT_ARG[match.group(1)]()
+        kind = match.group(2)
+        if not has_arg:
+            raise _fail(spec, f"{name!r} needs an argument, e.g. {name}:0.5")
+        x = _number(spec, arg)
+        if kind in ("above", "below"):
+            if not 0.0 <= x <= 1.0:
+                raise _fail(spec, f"threshold q must be in [0, 1], got {x:g}")
+            return Objective(spec, base, kind, x)  # type: ignore[arg-type]
+        if not 0.0 < x <= 100.0:
+            raise _fail(spec, f"percentile k must be in (0, 100], got {x:g}")
+        return Objective(spec, base, f"{kind}_percent", x)  # type: ignore[arg-type]
+
+    raise _fail(spec, "unknown objective")
+
+
+def example_specs() -> list[str]:
+    """One spec of every form (used by the CLI table and by the tests)."""
+    return [
+        "nll", "neg_p", "family:0.5", "family:8", "log1mp", "dft", "focal:2",
+        "neg_p_above:0.5", "neg_p_below:0.5", "nll_above:0.3", "nll_below:0.7",
+        "log1mp_above:0.2", "log1mp_below:0.8",
+        "neg_p_top:30", "neg_p_bottom:30", "nll_top:50", "nll_bottom:20", "log1mp_top:40", "log1mp_bottom:40",
+    ]

@@ -1,0 +1,58 @@
+"""Process-group and megatron-core parallel-state set-up shared by the trainer, tools and tests."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_sft.cpu_shims import apply_cpu_shims, default_backend
+
+
+def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
+    """Initialise torch.distributed from the torchrun/Slurm environment; returns (rank, world size)."""
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # single process: a one-rank group on loopback
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend=backend or default_backend())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_model_parallel(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    virtual_pipeline_parallel: Optional[int] = None,
+    seed: int = 1234,
+) -> None:
+    """megatron-core parallel state (TP x PP x DP) plus its model-parallel RNG streams."""
+    from megatron.core import parallel_state, tensor_parallel as mc_tp
+
+    _, world = init_distributed()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_parallel ({tensor_parallel}) x "
+            f"pipeline_parallel ({pipeline_parallel}); launch a multiple of TP*PP processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+    )
+    mc_tp.model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
