@@ -1,0 +1,1 @@
+"""HF <-> megatron-core checkpoint conversion."""

@@ -1,0 +1,124 @@
+"""The model arguments a megatron checkpoint needs to be rebuilt, derived from an HF config.
+
+Saved next to a converted checkpoint (``model_args.json``) so that training needs only the checkpoint
+path and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+class UnsupportedModelError(ValueError):
+    """An HF model this converter cannot map exactly."""
+
+
+@dataclass
+class ModelArgs:
+    architecture: str  # HF class name, e.g. Qwen2ForCausalLM
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    max_position_embeddings: int
+    norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope_theta: float
+    rope_parameters: dict[str, Any] = field(default_factory=dict)  # HF rope_parameters (type, factors)
+    torch_dtype: str = "bfloat16"
+    hf_config: dict[str, Any] = field(default_factory=dict)  # the full HF config, written back on export
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "ModelArgs":
+        archs = list(getattr(config, "architectures", None) or [])
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            model_type = getattr(config, "model_type", "?")
+            guess = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(model_type)
+            if guess is None or archs:
+                raise UnsupportedModelError(
+                    f"architecture {archs or model_type!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)} "
+                    "(Qwen2/Qwen2.5/Qwen2.5-Math/Coder, Llama-3.x, DeepSeek-Math which is Llama)"
+                )
+            arch = guess
+        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if head_dim * heads != config.hidden_size:
+            raise UnsupportedModelError(f"head_dim {head_dim} x {heads} heads != hidden_size {config.hidden_size}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported (silu only)")
+        qkv_bias = arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False))
+        if getattr(config, "mlp_bias", False):
+            raise UnsupportedModelError("mlp_bias=True is not supported")
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
+        return cls(
+            architecture=arch,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            ffn_hidden_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            num_query_groups=kv_heads,
+            kv_channels=head_dim,
+            max_position_embeddings=config.max_position_embeddings,
+            norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            rope_theta=theta,
+            rope_parameters={**rope, "rope_type": rope_type, "rope_theta": theta},
+            torch_dtype=str(dtype).replace("torch.", ""),
+            hf_config=config.to_dict(),
+        )
+
+    def padded_vocab_size(self, tensor_parallel: int, multiple: int = 128) -> int:
+        """Vocabulary padded to a multiple of ``multiple * tensor_parallel`` (megatron's convention)."""
+        step = multiple * tensor_parallel
+        return -(-self.vocab_size // step) * step
+
+    def check_tensor_parallel(self, tensor_parallel: int) -> None:
+        for what, count in (("attention heads", self.num_attention_heads), ("KV heads (query groups)", self.num_query_groups)):
+            if count % tensor_parallel:
+                raise ValueError(
+                    f"tensor_parallel={tensor_parallel} does not divide the {count} {what} of this model; "
+                    f"choose a divisor of {count}"
+                )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelArgs":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def hf_config_object(self) -> Any:
+        from transformers import AutoConfig
+
+        config = dict(self.hf_config)
+        return AutoConfig.for_model(config.pop("model_type"), **config)
+
+    def rope_inv_freq(self) -> Optional["torch.Tensor"]:  # noqa: F821
+        """HF's inverse frequencies when rope is scaled (llama3/linear), else None (plain theta)."""
+        if self.rope_parameters.get("rope_type", "default") == "default":
+            return None
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_parameters["rope_type"]](self.hf_config_object(), "cpu")
+        if attention_scaling != 1.0:
+            raise UnsupportedModelError(f"rope attention scaling {attention_scaling} is not supported")
+        return inv_freq

@@ -1,0 +1,105 @@
+"""Build a megatron-core GPTModel from :class:`ModelArgs` for any TP/PP layout.
+
+Picks the Transformer Engine layer spec when transformer-engine is importable and CUDA is present, the
+local (pure torch) spec otherwise; on CPU it applies the flags megatron-core needs without CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_sft.cpu_shims import cpu_transformer_config_overrides, mark_norms_sequence_parallel
+from megatron_sft.model.args import ModelArgs
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def build_transformer_config(
+    args: ModelArgs,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    virtual_pipeline_parallel: Optional[int] = None,
+    sequence_parallel: bool = False,
+    params_dtype: Optional[torch.dtype] = None,
+    recompute_granularity: Optional[str] = None,
+):
+    from megatron.core.transformer import TransformerConfig
+
+    args.check_tensor_parallel(tensor_parallel)
+    on_gpu = torch.cuda.is_available()
+    dtype = params_dtype or (torch.bfloat16 if on_gpu else torch.float32)
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=args.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        sequence_parallel=sequence_parallel and tensor_parallel > 1,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        recompute_granularity=recompute_granularity,
+        recompute_method="uniform" if recompute_granularity == "full" else None,
+        recompute_num_layers=1 if recompute_granularity == "full" else None,
+    )
+    if not on_gpu:
+        kwargs.update(cpu_transformer_config_overrides())
+        kwargs["params_dtype"] = dtype
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    args: ModelArgs,
+    config,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    use_transformer_engine: Optional[bool] = None,
+):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
+    spec = get_gpt_layer_with_transformer_engine_spec() if use_te else get_gpt_layer_local_spec(normalization="RMSNorm")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=args.padded_vocab_size(config.tensor_model_parallel_size),
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=args.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
+        vp_stage=vp_stage,
+    )
+    inv_freq = args.rope_inv_freq()
+    if inv_freq is not None:  # llama3 / linear rope scaling: use HF's exact frequencies
+        model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq)
+    if config.sequence_parallel and not use_te:
+        mark_norms_sequence_parallel(model)
+    return model
