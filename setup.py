@@ -17,6 +17,7 @@ setup(
     install_requires=[
         "torch>=2.13",  # on CPU: `pip install torch==2.13.0` first (the CPU wheel); on GPU: your CUDA build
         "megatron-core>=0.16.1,<0.17",
+        "psutil>=5.9",  # megatron-core dist_checkpointing needs it and does not declare it
         "transformers>=5.16.1,<6",
         "datasets>=3",
         "safetensors>=0.4",

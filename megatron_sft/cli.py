@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_sft import __version__
-from megatron_sft.commands import objectives, selftest
+from megatron_sft.commands import convert, objectives, selftest
 
-COMMANDS = (objectives, selftest)
+COMMANDS = (convert, objectives, selftest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,8 +72,36 @@ def apply_cpu_shims() -> bool:
     _DEVICE_MODE = _CudaToCpuMode()
     _DEVICE_MODE.__enter__()
 
+    # 4. Checkpoint writing: megatron-core's torch_dist writer forks one process per write bucket. On CPU
+    #    the fork happens after torch's OpenMP threads exist and the child deadlocks; write in-process.
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
+
     _APPLIED = True
     return True
+
+
+def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue) -> None:
+    """Drop-in for FileSystemWriterAsync.write_preloaded_data_multiproc without forking."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results: dict = {}
+    for index, bucket in enumerate(write_buckets):
+        local_results: queue.Queue = queue.Queue()
+        count: queue.Queue = queue.Queue()
+        count.put(index)
+        FileSystemWriterAsync.write_preloaded_data(
+            transform_list, index, bucket, local_results, count, True, use_msc=use_msc
+        )
+        _, outcome = local_results.get()
+        if isinstance(outcome, Exception):
+            global_results_queue.put(outcome)
+            return
+        results[index] = outcome
+    global_results_queue.put(results)
 
 
 def cpu_transformer_config_overrides() -> dict[str, Any]:

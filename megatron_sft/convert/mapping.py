@@ -41,9 +41,9 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def hf_to_mcore(args: ModelArgs, get: Callable[[str], Tensor], padded_vocab: int) -> Iterator[tuple[str, Tensor]]:
+def hf_to_mcore(args: ModelArgs, get: Callable[[str], Tensor]) -> Iterator[tuple[str, Tensor]]:
     """Yield megatron (name, tensor) pairs; ``get(hf_name)`` loads one HF tensor."""
-    yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), padded_vocab)
+    yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), args.padded_vocab_size)
     for i in range(args.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         yield mc + "input_layernorm.weight", get(hf + "input_layernorm.weight")
@@ -61,7 +61,7 @@ def hf_to_mcore(args: ModelArgs, get: Callable[[str], Tensor], padded_vocab: int
         yield mc + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight")
     yield "decoder.final_layernorm.weight", get("model.norm.weight")
     if not args.tie_word_embeddings:
-        yield "output_layer.weight", _pad_rows(get("lm_head.weight"), padded_vocab)
+        yield "output_layer.weight", _pad_rows(get("lm_head.weight"), args.padded_vocab_size)
 
 
 def mcore_to_hf(args: ModelArgs, get: Callable[[str], Tensor]) -> Iterator[tuple[str, Tensor]]:
@@ -90,3 +90,24 @@ def mcore_to_hf(args: ModelArgs, get: Callable[[str], Tensor]) -> Iterator[tuple
     yield "model.norm.weight", get("decoder.final_layernorm.weight")
     if not args.tie_word_embeddings:
         yield "lm_head.weight", get("output_layer.weight")[:vocab]
+
+
+def expected_hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the config implies, with its shape (to refuse checkpoints that disagree)."""
+    h, d, ffn, v = args.hidden_size, args.kv_channels, args.ffn_hidden_size, args.vocab_size
+    q_rows, kv_rows = args.num_attention_heads * d, args.num_query_groups * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for i in range(args.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q_rows, h), p + "self_attn.k_proj.weight": (kv_rows, h),
+            p + "self_attn.v_proj.weight": (kv_rows, h), p + "self_attn.o_proj.weight": (h, q_rows),
+            p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h), p + "mlp.down_proj.weight": (h, ffn),
+        })
+        if args.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q_rows,), p + "self_attn.k_proj.bias": (kv_rows,),
+                           p + "self_attn.v_proj.bias": (kv_rows,)})
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes

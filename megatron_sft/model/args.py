@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+VOCAB_PAD_MULTIPLE = 128
 
 
 class UnsupportedModelError(ValueError):
@@ -35,6 +36,7 @@ class ModelArgs:
     qkv_bias: bool
     rope_theta: float
     rope_parameters: dict[str, Any] = field(default_factory=dict)  # HF rope_parameters (type, factors)
+    padded_vocab_size: int = 0  # fixed at conversion (multiple of 128) so a checkpoint reshards to any TP
     torch_dtype: str = "bfloat16"
     hf_config: dict[str, Any] = field(default_factory=dict)  # the full HF config, written back on export
 
@@ -82,22 +84,22 @@ class ModelArgs:
             qkv_bias=qkv_bias,
             rope_theta=theta,
             rope_parameters={**rope, "rope_type": rope_type, "rope_theta": theta},
+            padded_vocab_size=-(-config.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE,
             torch_dtype=str(dtype).replace("torch.", ""),
             hf_config=config.to_dict(),
         )
 
-    def padded_vocab_size(self, tensor_parallel: int, multiple: int = 128) -> int:
-        """Vocabulary padded to a multiple of ``multiple * tensor_parallel`` (megatron's convention)."""
-        step = multiple * tensor_parallel
-        return -(-self.vocab_size // step) * step
-
     def check_tensor_parallel(self, tensor_parallel: int) -> None:
-        for what, count in (("attention heads", self.num_attention_heads), ("KV heads (query groups)", self.num_query_groups)):
+        for what, count in (("attention heads", self.num_attention_heads), ("KV heads", self.num_query_groups)):
             if count % tensor_parallel:
                 raise ValueError(
                     f"tensor_parallel={tensor_parallel} does not divide the {count} {what} of this model; "
                     f"choose a divisor of {count}"
                 )
+        if self.padded_vocab_size % tensor_parallel:
+            raise ValueError(
+                f"tensor_parallel={tensor_parallel} does not divide the padded vocabulary {self.padded_vocab_size}"
+            )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))

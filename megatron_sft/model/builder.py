@@ -29,7 +29,14 @@ def build_transformer_config(
     sequence_parallel: bool = False,
     params_dtype: Optional[torch.dtype] = None,
     recompute_granularity: Optional[str] = None,
+    perform_initialization: bool = True,
+    cpu_initialization: bool = False,
 ):
+    """TransformerConfig for ``args``.
+
+    ``perform_initialization=False`` skips random init before a load; ``cpu_initialization`` keeps the
+    weights in host memory even on a GPU machine (conversion).
+    """
     from megatron.core.transformer import TransformerConfig
 
     args.check_tensor_parallel(tensor_parallel)
@@ -60,10 +67,13 @@ def build_transformer_config(
         recompute_granularity=recompute_granularity,
         recompute_method="uniform" if recompute_granularity == "full" else None,
         recompute_num_layers=1 if recompute_granularity == "full" else None,
+        perform_initialization=perform_initialization,
     )
     if not on_gpu:
         kwargs.update(cpu_transformer_config_overrides())
         kwargs["params_dtype"] = dtype
+    elif cpu_initialization:
+        kwargs["use_cpu_initialization"] = True
     return TransformerConfig(**kwargs)
 
 
@@ -87,7 +97,7 @@ def build_gpt_model(
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=args.padded_vocab_size(config.tensor_model_parallel_size),
+        vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

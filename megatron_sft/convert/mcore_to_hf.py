@@ -1,0 +1,91 @@
+"""megatron-sft checkpoint -> HF safetensors (sharded, with index), config.json and tokenizer files.
+
+The output loads with ``transformers.AutoModelForCausalLM.from_pretrained`` and with vLLM. Tensors are
+written shard by shard (``max_shard_bytes``), vocabulary padding stripped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron_sft.convert.mapping import expected_hf_shapes, mcore_to_hf
+from megatron_sft.model.checkpoint import (
+    TOKENIZER_DIR, copy_tokenizer_files, load_model, read_model_args, replace_directory, temporary_sibling,
+)
+
+
+def convert_mcore_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    dtype: Optional[str] = None,
+    progress: bool = True,
+) -> Path:
+    """Export ``ckpt_dir`` (any TP/PP it was saved at) to an HF model directory ``out_dir``."""
+    from safetensors.torch import save_file
+
+    from megatron_sft.parallel import init_model_parallel
+
+    ckpt, out = Path(ckpt_dir), Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    args = read_model_args(ckpt)
+    out_dtype = getattr(torch, dtype or args.torch_dtype)
+    init_model_parallel(tensor_parallel=1, pipeline_parallel=1)
+    model, _ = load_model(ckpt, params_dtype=out_dtype, cpu_initialization=True)
+    state = model.state_dict()
+
+    tmp = temporary_sibling(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    files: list[str] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def flush() -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shards[0], str(tmp / name), metadata={"format": "pt"})
+        files.append(name)
+        for key in shards[0]:
+            weight_map[key] = name
+        shards[0], sizes[0] = {}, 0
+
+    expected = expected_hf_shapes(args)
+    for name, tensor in tqdm(mcore_to_hf(args, state.__getitem__), total=len(expected), desc="mcore -> hf", disable=not progress):
+        assert tuple(tensor.shape) == expected[name], (name, tuple(tensor.shape), expected[name])
+        tensor = tensor.to(out_dtype).contiguous().clone()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[0] and sizes[0] + nbytes > max_shard_bytes:
+            flush()
+        shards[0][name] = tensor
+        sizes[0] += nbytes
+        total += nbytes
+    if shards[0]:
+        flush()
+
+    # final names model-0000i-of-0000n.safetensors, as transformers writes them
+    renamed = {old: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, old in enumerate(files)}
+    for old, new in renamed.items():
+        (tmp / old).rename(tmp / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    config = args.hf_config_object()
+    config.architectures = [args.architecture]
+    config.dtype = out_dtype
+    config.save_pretrained(tmp)
+    if (ckpt / TOKENIZER_DIR).is_dir():
+        copy_tokenizer_files(ckpt / TOKENIZER_DIR, tmp)
+    replace_directory(tmp, out)
+    return out

@@ -1,0 +1,133 @@
+"""A megatron-sft checkpoint directory, and building/loading/saving the GPTModel it holds.
+
+Layout (what conversion writes and training reads and writes):
+
+    CKPT/model_args.json   ModelArgs: everything needed to rebuild the model (from the HF config)
+    CKPT/model/            megatron-core distributed checkpoint (torch_dist): loads at any TP/PP
+    CKPT/tokenizer/        the HF tokenizer files and chat template, copied unchanged
+
+Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_sft.model.args import ModelArgs
+from megatron_sft.model.builder import build_gpt_model, build_transformer_config
+
+MODEL_ARGS_FILE = "model_args.json"
+MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+def read_model_args(ckpt_dir: str | Path) -> ModelArgs:
+    path = Path(ckpt_dir) / MODEL_ARGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {ckpt_dir} is not a megatron-sft checkpoint "
+            "(convert an HF model first: megatron-sft convert hf-to-mcore --hf HF_DIR --out CKPT)"
+        )
+    return ModelArgs.load(path)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, dst / name)
+    return copied
+
+
+def temporary_sibling(path: Path) -> Path:
+    return path.parent / f".{path.name}.tmp"
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed after."""
+    old = final.parent / f".{final.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def build_model_for_current_layout(
+    args: ModelArgs,
+    *,
+    sequence_parallel: bool = False,
+    params_dtype: Optional[torch.dtype] = None,
+    perform_initialization: bool = False,
+    cpu_initialization: bool = False,
+):
+    """GPTModel for this rank's place in megatron-core's TP x PP layout (parallel state must be set up)."""
+    from megatron.core import parallel_state as ps
+
+    config = build_transformer_config(
+        args,
+        tensor_parallel=ps.get_tensor_model_parallel_world_size(),
+        pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        perform_initialization=perform_initialization,
+        cpu_initialization=cpu_initialization,
+    )
+    return build_gpt_model(
+        args, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+    )
+
+
+def load_model(ckpt_dir: str | Path, **build_kwargs):
+    """Build the model for the current TP/PP layout and load the checkpoint's weights (resharding as needed)."""
+    from megatron.core import dist_checkpointing
+
+    args = read_model_args(ckpt_dir)
+    model = build_model_for_current_layout(args, **build_kwargs)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / MODEL_DIR))
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"{ckpt_dir}: checkpoint has no values for {missing[:5]} ({len(missing)} tensors)")
+    return model, args
+
+
+def save_model(model, args: ModelArgs, ckpt_dir: str | Path, tokenizer_src: Optional[str | Path] = None) -> Path:
+    """Collective: every rank calls it. Writes CKPT atomically (temp dir, then rename on rank 0)."""
+    from megatron.core import dist_checkpointing
+
+    final = Path(ckpt_dir)
+    tmp = temporary_sibling(final)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / MODEL_DIR).mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
+    _barrier()
+    if rank == 0:
+        args.save(tmp / MODEL_ARGS_FILE)
+        if tokenizer_src is not None:
+            copy_tokenizer_files(Path(tokenizer_src), tmp / TOKENIZER_DIR)
+        replace_directory(tmp, final)
+    _barrier()
+    return final
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

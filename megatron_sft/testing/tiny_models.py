@@ -1,0 +1,71 @@
+"""Tiny random HF models (Qwen2, Llama) with a local tokenizer: what tests and the CPU default build on.
+
+Nothing is downloaded: the configs are written here and the tokenizer is a small word-level vocabulary
+built with the `tokenizers` library, with a chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+TINY_VARIANTS = {
+    # name: (architecture, overrides)
+    "qwen2-tied-gqa": ("qwen2", dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2-untied-mha": ("qwen2", dict(tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=4)),
+    "llama-untied-mha-rope-scaled": ("llama", dict(
+        tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=4,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    )),
+    "llama-tied-gqa": ("llama", dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+def save_tiny_tokenizer(path: Path, vocab_words: int = 250) -> int:
+    """A word-level tokenizer over digits, letters and a few words; returns its vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<unk>"]
+    words = [str(i) for i in range(100)] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("+-*/=?.,:")
+    words += [f"w{i}" for i in range(vocab_words - len(words) - len(specials))]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", unk_token="<unk>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+def save_tiny_hf_model(path: str | Path, variant: str = "qwen2-tied-gqa", seed: int = 0, layers: int = 2,
+                       hidden: int = 64, dtype: torch.dtype = torch.float32):
+    """Write a tiny random HF model + tokenizer to ``path``; returns the HF model (eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    arch, overrides = TINY_VARIANTS[variant]
+    vocab = save_tiny_tokenizer(path)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, dtype=str(dtype).replace("torch.", ""))
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, **overrides, architectures=["Qwen2ForCausalLM"]))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, **overrides, architectures=["LlamaForCausalLM"]))
+    with torch.no_grad():  # random biases (HF initialises them to zero) so the bias mapping is tested
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model = model.to(dtype).eval()
+    model.save_pretrained(path)
+    return model
