@@ -25,10 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     to_mcore.set_defaults(run=run)
 
     to_hf = conv.add_parser("mcore-to-hf", help="megatron-sft checkpoint -> HF model directory")
-    to_hf.add_argument("--checkpoint", required=True, help="megatron-sft checkpoint directory (from hf-to-mcore or train)")
+    to_hf.add_argument("--checkpoint", required=True, help="megatron-sft checkpoint directory (written by hf-to-mcore)")
     to_hf.add_argument("--out", required=True, help="HF directory to write (must not exist unless --overwrite)")
     to_hf.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weight dtype (default: the checkpoint's)")
-    to_hf.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard in GiB (default 2)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=1.0, help="largest safetensors shard in GiB (default 1; peak memory is the model plus about one shard)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     to_hf.add_argument("--no-progress", action="store_true", help="no progress bar")
     to_hf.set_defaults(run=run)

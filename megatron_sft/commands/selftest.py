@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_sft.launch import run_local_workers
     from megatron_sft.objectives import example_specs, parse_objective
-    from megatron_sft.testing.loss_check import BATCH, loss_cases_worker, make_case_inputs
+    from megatron_sft.testing.loss_check import loss_cases_worker, make_case_inputs
     from megatron_sft.testing.reference import reference_loss
 
     world = args.world_size or args.tp

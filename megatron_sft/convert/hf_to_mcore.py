@@ -7,7 +7,6 @@ random initialisation), checks every shape against the config, and saves with di
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +16,7 @@ from tqdm import tqdm
 from megatron_sft.convert.mapping import expected_hf_shapes, hf_to_mcore
 from megatron_sft.model.args import ModelArgs
 from megatron_sft.model.checkpoint import (
-    MODEL_ARGS_FILE, MODEL_DIR, TOKENIZER_DIR, copy_tokenizer_files, replace_directory, temporary_sibling,
+    MODEL_ARGS_FILE, MODEL_DIR, TOKENIZER_DIR, copy_tokenizer_files, fresh_temporary_sibling, replace_directory,
 )
 
 
@@ -40,20 +39,21 @@ def open_safetensors(hf_dir: Path) -> tuple[Callable[[str], torch.Tensor], dict[
             f"{hf_dir}: no model.safetensors or model.safetensors.index.json; only safetensors checkpoints are "
             "read (re-save the model with save_pretrained(..., safe_serialization=True))"
         )
-    handles: dict = {}
-
-    def handle(name: str):
-        file = weight_map[name]
-        if file not in handles:
-            if not (hf_dir / file).is_file():
-                raise ConversionError(f"{hf_dir}: {file} (listed in the index for {name!r}) does not exist")
-            handles[file] = safe_open(hf_dir / file, framework="pt")
-        return handles[file]
+    files = {file: hf_dir / file for file in set(weight_map.values())}
+    for file, path in files.items():
+        if not path.is_file():
+            raise ConversionError(f"{hf_dir}: {file} (listed in model.safetensors.index.json) does not exist")
 
     def get(name: str) -> torch.Tensor:
-        return handle(name).get_tensor(name)
+        # Open the (memory-mapped) file only for this read: a handle kept open keeps every page read so far
+        # mapped, which would add the whole checkpoint's size to the converter's resident memory.
+        with safe_open(files[weight_map[name]], framework="pt") as f:
+            return f.get_tensor(name)
 
-    shapes = {name: tuple(handle(name).get_slice(name).get_shape()) for name in weight_map}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file, path in files.items():
+        with safe_open(path, framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys() if weight_map.get(name) == file})
     return get, shapes
 
 
@@ -91,7 +91,7 @@ def convert_hf_to_mcore(
     from megatron_sft.parallel import init_model_parallel
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite:  # fail before any work; the temp dir is made just before writing
         raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir}: no config.json; point --hf at a Hugging Face model directory")
@@ -117,10 +117,8 @@ def convert_hf_to_mcore(
     if written != targets:
         raise ConversionError(f"{hf_dir}: no HF tensor mapped to {sorted(targets - written)[:5]}")
 
-    tmp = temporary_sibling(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / MODEL_DIR).mkdir(parents=True)
+    tmp = fresh_temporary_sibling(out, overwrite)
+    (tmp / MODEL_DIR).mkdir()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
     args.save(tmp / MODEL_ARGS_FILE)
     copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)

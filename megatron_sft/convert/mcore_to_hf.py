@@ -1,13 +1,13 @@
 """megatron-sft checkpoint -> HF safetensors (sharded, with index), config.json and tokenizer files.
 
 The output loads with ``transformers.AutoModelForCausalLM.from_pretrained`` and with vLLM. Tensors are
-written shard by shard (``max_shard_bytes``), vocabulary padding stripped.
+written shard by shard (``max_shard_bytes``), vocabulary padding stripped; peak memory is the model
+plus at most one shard of copies (only splits of fused tensors are copied).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from megatron_sft.convert.mapping import expected_hf_shapes, mcore_to_hf
 from megatron_sft.model.checkpoint import (
-    TOKENIZER_DIR, copy_tokenizer_files, load_model, read_model_args, replace_directory, temporary_sibling,
+    TOKENIZER_DIR, copy_tokenizer_files, fresh_temporary_sibling, load_model, read_model_args, replace_directory,
 )
 
 
@@ -25,7 +25,7 @@ def convert_mcore_to_hf(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
-    max_shard_bytes: int = 2 * 1024**3,
+    max_shard_bytes: int = 1024**3,
     dtype: Optional[str] = None,
     progress: bool = True,
 ) -> Path:
@@ -35,7 +35,7 @@ def convert_mcore_to_hf(
     from megatron_sft.parallel import init_model_parallel
 
     ckpt, out = Path(ckpt_dir), Path(out_dir)
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite:  # fail before loading anything
         raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
     args = read_model_args(ckpt)
     out_dtype = getattr(torch, dtype or args.torch_dtype)
@@ -43,10 +43,7 @@ def convert_mcore_to_hf(
     model, _ = load_model(ckpt, params_dtype=out_dtype, cpu_initialization=True)
     state = model.state_dict()
 
-    tmp = temporary_sibling(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_temporary_sibling(out, overwrite)
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
     files: list[str] = []
@@ -64,7 +61,9 @@ def convert_mcore_to_hf(
     expected = expected_hf_shapes(args)
     for name, tensor in tqdm(mcore_to_hf(args, state.__getitem__), total=len(expected), desc="mcore -> hf", disable=not progress):
         assert tuple(tensor.shape) == expected[name], (name, tuple(tensor.shape), expected[name])
-        tensor = tensor.to(out_dtype).contiguous().clone()
+        tensor = tensor.to(out_dtype)
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or not tensor.is_contiguous():
+            tensor = tensor.contiguous().clone()  # a split of a fused tensor: safetensors needs its own storage
         nbytes = tensor.numel() * tensor.element_size()
         if shards[0] and sizes[0] + nbytes > max_shard_bytes:
             flush()

@@ -50,8 +50,15 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def temporary_sibling(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp"
+def fresh_temporary_sibling(final: Path, overwrite: bool = True) -> Path:
+    """An empty ``.NAME.tmp`` next to ``final`` to write into; refuses an existing ``final`` unless overwrite."""
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"output directory {final} already exists; pass --overwrite to replace it")
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def replace_directory(tmp: Path, final: Path) -> None:
@@ -110,12 +117,10 @@ def save_model(model, args: ModelArgs, ckpt_dir: str | Path, tokenizer_src: Opti
     from megatron.core import dist_checkpointing
 
     final = Path(ckpt_dir)
-    tmp = temporary_sibling(final)
+    tmp = final.parent / f".{final.name}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / MODEL_DIR).mkdir(parents=True)
+        (fresh_temporary_sibling(final) / MODEL_DIR).mkdir()
     _barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
     _barrier()

@@ -1,0 +1,36 @@
+"""The package imports, and its CPU paths run, with none of the GPU-only extras installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BLOCK_GPU_EXTRAS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'transformer_engine', 'apex', 'flash_attn', 'vllm'}:
+            raise ImportError(f'{name} is blocked for this test')
+sys.meta_path.insert(0, Block())
+import pkgutil, importlib, megatron_sft
+modules = [m.name for m in pkgutil.walk_packages(megatron_sft.__path__, 'megatron_sft.') if m.name != 'megatron_sft.__main__']
+for name in modules:
+    importlib.import_module(name)
+from megatron_sft.model.builder import transformer_engine_available
+assert not transformer_engine_available()
+assert len(modules) > 15, modules
+print('imported', len(modules), 'modules')
+"""
+
+
+def test_every_module_imports_without_gpu_extras():
+    result = subprocess.run([sys.executable, "-c", BLOCK_GPU_EXTRAS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "imported" in result.stdout
+
+
+def test_cli_help_lists_commands():
+    result = subprocess.run([sys.executable, "-m", "megatron_sft", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0
+    for command in ("convert", "objectives", "selftest"):
+        assert command in result.stdout
