@@ -29,8 +29,11 @@ def logits_worker(ckpt_dir: str, tensor_parallel: int, pipeline_parallel: int, i
     from megatron_sft.parallel import init_model_parallel
 
     init_model_parallel(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
-    model, args = load_model(ckpt_dir)
+    model, args = load_model(ckpt_dir, params_dtype=torch.float32)
+    if torch.cuda.is_available():
+        input_ids = input_ids.cuda()
     logits = forward_logits(model, input_ids, vocab_size=args.vocab_size)
+    logits = logits.float().cpu() if logits is not None else None
     if save_to is not None:
         save_model(model, args, save_to, tokenizer_src=Path(ckpt_dir) / TOKENIZER_DIR)
     if logits is None or ps.get_tensor_model_parallel_rank() != 0:
