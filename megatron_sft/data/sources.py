@@ -1,0 +1,97 @@
+"""Read training rows from jsonl, parquet or a saved HF ``datasets`` directory, keeping file and row numbers.
+
+Every row carries where it came from, so that a bad row can be reported as ``FILE:ROW`` (1-based; for
+jsonl the line number) with what to do about it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class Row:
+    source: str  # file (or dataset directory) the row came from
+    number: int  # 1-based row number within it (the line number for jsonl)
+    record: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.number}"
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object per line, got {type(record).__name__}")
+            yield Row(str(path), line_number, record)
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            number += 1
+            yield Row(str(path), number, record)
+
+
+def _dataset_dir_rows(path: Path) -> Iterator[Row]:
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if hasattr(dataset, "keys"):  # DatasetDict: take the train split
+        if "train" not in dataset:
+            raise DataError(f"{path}: dataset has splits {list(dataset.keys())} but no 'train'; point at one split")
+        dataset = dataset["train"]
+    for number, record in enumerate(dataset, start=1):
+        yield Row(str(path), number, dict(record))
+
+
+def read_rows(path: str | Path) -> Iterator[Row]:
+    """Rows of one file or directory (a directory is a saved HF dataset, or holds *.jsonl / *.parquet files)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            yield from _dataset_dir_rows(path)
+            return
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+        if not files:
+            raise DataError(f"{path}: directory has no *.jsonl / *.parquet files and is not a saved HF dataset")
+        for file in files:
+            yield from read_rows(file)
+        return
+    if path.suffix in (".jsonl", ".json"):
+        yield from _jsonl_rows(path)
+    elif path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .parquet or a saved HF dataset")
+
+
+def field(row: Row, key: str) -> Any:
+    """``row.record[key]``, where ``key`` may be a dotted path into nested dicts (``extra_info.question``)."""
+    value: Any = row.record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            available = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise DataError(f"{row.where}: no field {key!r} (at {part!r}; available: {available})")
+        value = value[part]
+    return value

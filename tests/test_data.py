@@ -1,0 +1,120 @@
+"""SFT data: readers with file:row errors, response-only loss masks, bad-row policy, truncation, packing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_sft.data.formatting import FormatConfig, Formatter, tokenize_rows
+from megatron_sft.data.packing import pack_examples, single_rows
+from megatron_sft.data.sources import DataError, read_rows
+from megatron_sft.testing.tiny_models import save_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    save_tiny_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _trained_text(tokenizer, example):
+    return tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask) if m])
+
+
+def test_jsonl_parquet_and_dataset_dir_give_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    records = [{"extra_info": {"question": f"{i} + 1 ?", "answer": f"{i + 1}"}} for i in range(5)]
+    jsonl = _write_jsonl(tmp_path / "train.jsonl", records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "train.parquet")
+    Dataset.from_list(records).save_to_disk(str(tmp_path / "ds"))
+    for path in (jsonl, tmp_path / "train.parquet", tmp_path / "ds"):
+        rows = list(read_rows(path))
+        assert [r.record for r in rows] == records and [r.number for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "1", "response": "2"}\n{"prompt": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        list(read_rows(path))
+
+
+def test_prompt_response_trains_on_response_and_eos_only(tokenizer, tmp_path):
+    rows = read_rows(_write_jsonl(tmp_path / "t.jsonl", [{"extra_info": {"question": "2 + 3 ?", "answer": "5 ."}}]))
+    config = FormatConfig(prompt_key="extra_info.question", response_key="extra_info.answer")
+    (example,), _ = tokenize_rows(rows, Formatter(tokenizer, config))
+    assert _trained_text(tokenizer, example) == "5 . <|end|>"
+    untrained = tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask) if not m])
+    assert untrained == "<|user|> 2 + 3 ? <|end|> <|assistant|>"
+
+
+def test_plain_template(tokenizer, tmp_path):
+    rows = read_rows(_write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a b", "response": "c"}]))
+    (example,), _ = tokenize_rows(rows, Formatter(tokenizer, FormatConfig(template="plain", plain_template="q : {prompt} =")))
+    assert tokenizer.decode(example.input_ids) == "q : a b = c <|end|>" and _trained_text(tokenizer, example) == "c <|end|>"
+
+
+def test_chat_messages_train_on_every_assistant_turn(tokenizer, tmp_path):
+    messages = [
+        {"role": "system", "content": "x"}, {"role": "user", "content": "1 + 1 ?"}, {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2 + 2 ?"}, {"role": "assistant", "content": "4 ."},
+    ]
+    rows = read_rows(_write_jsonl(tmp_path / "t.jsonl", [{"messages": messages}]))
+    (example,), _ = tokenize_rows(rows, Formatter(tokenizer, FormatConfig()))
+    assert _trained_text(tokenizer, example) == "2 <|end|> 4 . <|end|>"
+
+
+def test_bad_rows_error_with_location_or_are_skipped_and_counted(tokenizer, tmp_path):
+    path = _write_jsonl(tmp_path / "t.jsonl", [
+        {"prompt": "1", "response": "2"}, {"prompt": "1"}, {"prompt": "3", "response": ""}, {"prompt": "4", "response": "5"},
+    ])
+    formatter = Formatter(tokenizer, FormatConfig())
+    with pytest.raises(DataError, match=r"t.jsonl:2: no field 'response'.*data.on_bad_row=skip"):
+        tokenize_rows(read_rows(path), formatter)
+    examples, report = tokenize_rows(read_rows(path), formatter, on_bad_row="skip")
+    assert [e.where.rsplit(":", 1)[1] for e in examples] == ["1", "4"]
+    assert report.rows == 4 and report.kept == 2 and sum(report.skipped.values()) == 2
+    assert any("t.jsonl:3" in message for message in report.first_skipped)
+
+
+def test_truncation_policies(tokenizer, tmp_path):
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1", "response": " ".join(["7"] * 20)}])
+    (cut,), report = tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=10)))
+    assert len(cut) == 10 and report.truncated == 1 and sum(cut.target_mask) > 0
+    with pytest.raises(DataError, match="no usable rows"):
+        tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=10, truncation="drop")), "skip")
+    with pytest.raises(DataError, match="prompt alone fills data.max_length=3"):
+        tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=3)))
+
+
+def test_packing_keeps_every_example_once_with_reset_positions(tokenizer, tmp_path):
+    records = [{"prompt": "1 " * (i % 7 + 1), "response": "2 " * (i % 5 + 1)} for i in range(40)]
+    examples, _ = tokenize_rows(read_rows(_write_jsonl(tmp_path / "t.jsonl", records)), Formatter(tokenizer, FormatConfig()))
+    packed = pack_examples(examples, max_length=32)
+    assert sorted(s for row in packed for s in row.sources) == sorted(e.where for e in examples)
+    assert all(len(row) <= 32 for row in packed) and len(packed) < len(examples)
+    total_tokens = sum(len(e) for e in examples)
+    assert sum(len(r) for r in packed) == total_tokens
+    by_source = {e.where: e for e in examples}
+    for row in packed:
+        start = 0
+        for seq, source in enumerate(row.sources):
+            example = by_source[source]
+            end = start + len(example)
+            assert row.input_ids[start:end] == example.input_ids and row.target_mask[start:end] == example.target_mask
+            assert row.position_ids[start:end] == list(range(len(example))) and set(row.sequence_ids[start:end]) == {seq}
+            start = end
+    assert pack_examples(examples, 32)[0].sources == packed[0].sources  # deterministic
+    assert [len(r.sources) for r in single_rows(examples)] == [1] * len(examples)
