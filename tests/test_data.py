@@ -118,3 +118,38 @@ def test_packing_keeps_every_example_once_with_reset_positions(tokenizer, tmp_pa
             start = end
     assert pack_examples(examples, 32)[0].sources == packed[0].sources  # deterministic
     assert [len(r.sources) for r in single_rows(examples)] == [1] * len(examples)
+
+
+def test_sampler_is_deterministic_sharded_and_resumable():
+    from megatron_sft.data.sampler import ShardedSampler
+
+    ranks = [ShardedSampler(num_rows=10, global_batch=4, dp_rank=r, dp_size=2, seed=3) for r in range(2)]
+    steps = [[s.next_step() for _ in range(6)] for s in ranks]  # 3 steps per epoch, 2 epochs
+    assert ranks[0].steps_per_epoch == 3 and ranks[0].repeated_per_epoch == 2
+    for epoch in (0, 1):
+        seen = [row for r in range(2) for (e, _, rows) in steps[r] if e == epoch for row in rows]
+        assert len(seen) == 12 and set(seen) == set(range(10))  # every row, 2 repeated to fill the last step
+    assert steps[0][0][2] != steps[0][3][2]  # a new order each epoch
+    resumed = ShardedSampler(10, 4, 0, 2, seed=3)
+    resumed.load_state_dict({**ranks[0].state_dict(), "epoch": 0, "step": 2})
+    assert [resumed.next_step() for _ in range(4)] == steps[0][2:]
+    with pytest.raises(ValueError, match="global_batch=4 but this run has 8"):
+        ShardedSampler(10, 8, 0, 2, seed=3).load_state_dict(ranks[0].state_dict())
+
+
+def test_collate_shifts_labels_and_never_crosses_sequence_boundaries():
+    import torch
+
+    from megatron_sft.data.collate import IGNORE_INDEX, collate
+    from megatron_sft.data.formatting import Example
+
+    a = Example([10, 11, 12], [0, 1, 1], "a")
+    b = Example([20, 21], [1, 1], "b")  # trains on its first token: must not be predicted from a's last
+    (row,) = pack_examples([a, b], max_length=8)
+    batch = collate([row], pad_id=0, pad_to_multiple=4)
+    assert batch["tokens"].shape == (1, 8)
+    assert batch["labels"][0].tolist() == [11, 12, IGNORE_INDEX, 21, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["loss_mask"][0].tolist() == [1, 1, 0, 1, 0, 0, 0, 0]
+    assert batch["position_ids"][0].tolist()[:5] == [0, 1, 2, 0, 1]
+    assert batch["sequence_ids"][0].tolist() == [0, 0, 0, 1, 1, -1, -1, -1]
+    assert torch.equal(batch["labels"] != IGNORE_INDEX, batch["loss_mask"].bool())
