@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
-from megatron_sft.parallel import _free_port
+from megatron_sft.parallel import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, threads: int) -> None:
@@ -54,15 +55,13 @@ def run_local_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeo
     with tempfile.TemporaryDirectory(prefix="megatron_sft_workers_") as out_dir:
         ctx = mp.start_processes(
             _worker,
-            args=(world_size, _free_port(), out_dir, fn, args, threads),
+            args=(world_size, free_port(), out_dir, fn, args, threads),
             nprocs=world_size,
             join=False,
             start_method="spawn",
         )
         errors: list[str] = []
         try:
-            import time
-
             deadline = time.monotonic() + timeout_s
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:

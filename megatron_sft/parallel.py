@@ -17,7 +17,7 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int]:
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # single process: a one-rank group on loopback
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group(backend=backend or default_backend())
         if torch.cuda.is_available():
@@ -50,7 +50,7 @@ def init_model_parallel(
     mc_tp.model_parallel_cuda_manual_seed(seed)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -7,7 +7,7 @@ import torch
 
 from megatron_sft.launch import run_local_workers
 from megatron_sft.objectives import example_specs
-from megatron_sft.testing.loss_check import loss_cases_worker, make_case_inputs
+from megatron_sft.testing.loss_check import assemble_case, loss_cases_worker, make_case_inputs
 from megatron_sft.testing.reference import reference_loss
 
 CASES = [dict(spec=s, dtype=torch.float32, reduction="token_mean", denominator="selected", padded=False) for s in example_specs()]
@@ -31,15 +31,6 @@ def layout_results(request):
     return request.param, tp, world, per_rank
 
 
-def _assemble(per_rank: list[list[dict]], case_index: int, tp: int, world: int) -> dict:
-    dp = world // tp
-    rows = {(r[case_index]["dp_rank"], r[case_index]["tp_rank"]): r[case_index] for r in per_rank}
-    grad = torch.cat([torch.cat([rows[(d, t)]["grad"] for t in range(tp)], dim=-1) for d in range(dp)], dim=1)
-    p = torch.cat([rows[(d, 0)]["p"] for d in range(dp)], dim=1)
-    losses = torch.stack([r["loss"] for r in rows.values()])
-    return dict(grad=grad, p=p, losses=losses)
-
-
 @pytest.mark.parametrize("case_index", range(len(CASES)), ids=[f"{c['spec']}-{str(c['dtype'])[6:]}-{c['reduction']}-{c['denominator']}{'-padded' if c['padded'] else ''}{'-allmasked' if c.get('all_masked') else ''}" for c in CASES])
 def test_loss_and_grad_match_reference(layout_results, case_index):
     _, tp, world, per_rank = layout_results
@@ -50,7 +41,7 @@ def test_loss_and_grad_match_reference(layout_results, case_index):
     ref_loss, ref_grad, ref_p = reference_loss(
         ref_input, target, valid, case["spec"], case["reduction"], case["denominator"], vocab_size
     )
-    got = _assemble(per_rank, case_index, tp, world)
+    got = assemble_case(per_rank, case_index, tp, world)
 
     assert torch.isfinite(got["losses"]).all()
     # every rank reports the same global loss, equal to the reference

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_sft.launch import run_local_workers
     from megatron_sft.objectives import example_specs, parse_objective
-    from megatron_sft.testing.loss_check import loss_cases_worker, make_case_inputs
+    from megatron_sft.testing.loss_check import assemble_case, loss_cases_worker, make_case_inputs
     from megatron_sft.testing.reference import reference_loss
 
     world = args.world_size or args.tp
@@ -48,11 +48,8 @@ def run(args: argparse.Namespace) -> int:
         logits, target, mask, vocab_size = make_case_inputs(index, case["padded"])
         valid = (target != -100) & (mask != 0)
         ref_loss, ref_grad, _ = reference_loss(logits, target, valid, case["spec"], vocab_size=vocab_size)
-        rows = {(r[index]["dp_rank"], r[index]["tp_rank"]): r[index] for r in per_rank}
-        grad = torch.cat(
-            [torch.cat([rows[(d, t)]["grad"] for t in range(args.tp)], dim=-1) for d in range(dp)], dim=1
-        )
-        loss = rows[(0, 0)]["loss"]
+        got = assemble_case(per_rank, index, args.tp, world)
+        grad, loss = got["grad"], got["losses"][0]
         d_loss = abs(float(loss) - float(ref_loss))
         d_grad = float((grad.double() - ref_grad).abs().max())
         ok = d_loss <= args.tolerance and d_grad <= args.tolerance

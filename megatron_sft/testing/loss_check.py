@@ -55,3 +55,15 @@ def loss_cases_worker(tensor_parallel: int, cases: list[dict]) -> list[dict]:
             )
         )
     return results
+
+
+def assemble_case(per_rank: list[list[dict]], case_index: int, tensor_parallel: int, world_size: int) -> dict:
+    """Stitch one case's per-rank shards back into full tensors: grad [s, B, V], p [s, B], losses [world]."""
+    dp = world_size // tensor_parallel
+    rows = {(r[case_index]["dp_rank"], r[case_index]["tp_rank"]): r[case_index] for r in per_rank}
+    grad = torch.cat(
+        [torch.cat([rows[(d, t)]["grad"] for t in range(tensor_parallel)], dim=-1) for d in range(dp)], dim=1
+    )
+    p = torch.cat([rows[(d, 0)]["p"] for d in range(dp)], dim=1)
+    losses = torch.stack([r["loss"] for r in rows.values()])
+    return dict(grad=grad, p=p, losses=losses)
