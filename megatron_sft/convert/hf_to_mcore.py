@@ -15,9 +15,7 @@ from tqdm import tqdm
 
 from megatron_sft.convert.mapping import expected_hf_shapes, hf_to_mcore
 from megatron_sft.model.args import ModelArgs
-from megatron_sft.model.checkpoint import (
-    MODEL_ARGS_FILE, MODEL_DIR, TOKENIZER_DIR, copy_tokenizer_files, fresh_temporary_sibling, replace_directory,
-)
+from megatron_sft.model.checkpoint import refuse_existing_output, save_model
 
 
 class ConversionError(ValueError):
@@ -84,15 +82,13 @@ def convert_hf_to_mcore(
     progress: bool = True,
 ) -> Path:
     """Convert ``hf_dir`` into a megatron-sft checkpoint at ``out_dir``; returns ``out_dir``."""
-    from megatron.core import dist_checkpointing
     from transformers import AutoConfig
 
     from megatron_sft.model.builder import build_gpt_model, build_transformer_config
     from megatron_sft.parallel import init_model_parallel
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    if out.exists() and not overwrite:  # fail before any work; the temp dir is made just before writing
-        raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    refuse_existing_output(out, overwrite)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir}: no config.json; point --hf at a Hugging Face model directory")
     args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(hf_dir, local_files_only=True))
@@ -110,17 +106,10 @@ def convert_hf_to_mcore(
     state = model.state_dict()
     targets = {k for k in state if not k.endswith("_extra_state")}
     written: set[str] = set()
-    steps = len(targets)
-    for name, tensor in tqdm(hf_to_mcore(args, get), total=steps, desc="hf -> mcore", disable=not progress):
+    for name, tensor in tqdm(hf_to_mcore(args, get), total=len(targets), desc="hf -> mcore", disable=not progress):
         state[name].copy_(tensor)
         written.add(name)
     if written != targets:
         raise ConversionError(f"{hf_dir}: no HF tensor mapped to {sorted(targets - written)[:5]}")
 
-    tmp = fresh_temporary_sibling(out, overwrite)
-    (tmp / MODEL_DIR).mkdir()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
-    args.save(tmp / MODEL_ARGS_FILE)
-    copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-    replace_directory(tmp, out)
-    return out
+    return save_model(model, args, out, tokenizer_src=hf_dir)

@@ -16,8 +16,19 @@ from tqdm import tqdm
 
 from megatron_sft.convert.mapping import expected_hf_shapes, mcore_to_hf
 from megatron_sft.model.checkpoint import (
-    TOKENIZER_DIR, copy_tokenizer_files, fresh_temporary_sibling, load_model, read_model_args, replace_directory,
+    TOKENIZER_DIR, copy_tokenizer_files, fresh_temporary_sibling, load_model, read_model_args,
+    refuse_existing_output, replace_directory,
 )
+
+
+def _write_shard(directory: Path, number: int, shard: dict[str, torch.Tensor], weight_map: dict[str, str]) -> str:
+    """Save one shard as model-<number>.safetensors and record where its tensors went."""
+    from safetensors.torch import save_file
+
+    name = f"model-{number:05d}.safetensors"
+    save_file(shard, str(directory / name), metadata={"format": "pt"})
+    weight_map.update({key: name for key in shard})
+    return name
 
 
 def convert_mcore_to_hf(
@@ -30,48 +41,35 @@ def convert_mcore_to_hf(
     progress: bool = True,
 ) -> Path:
     """Export ``ckpt_dir`` (any TP/PP it was saved at) to an HF model directory ``out_dir``."""
-    from safetensors.torch import save_file
-
     from megatron_sft.parallel import init_model_parallel
 
     ckpt, out = Path(ckpt_dir), Path(out_dir)
-    if out.exists() and not overwrite:  # fail before loading anything
-        raise FileExistsError(f"output directory {out} already exists; pass --overwrite to replace it")
+    refuse_existing_output(out, overwrite)
     args = read_model_args(ckpt)
     out_dtype = getattr(torch, dtype or args.torch_dtype)
     init_model_parallel(tensor_parallel=1, pipeline_parallel=1)
     model, _ = load_model(ckpt, params_dtype=out_dtype, cpu_initialization=True)
     state = model.state_dict()
 
-    tmp = fresh_temporary_sibling(out, overwrite)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    tmp = fresh_temporary_sibling(out)
     files: list[str] = []
     weight_map: dict[str, str] = {}
-    total = 0
-
-    def flush() -> None:
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shards[0], str(tmp / name), metadata={"format": "pt"})
-        files.append(name)
-        for key in shards[0]:
-            weight_map[key] = name
-        shards[0], sizes[0] = {}, 0
-
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
     expected = expected_hf_shapes(args)
     for name, tensor in tqdm(mcore_to_hf(args, state.__getitem__), total=len(expected), desc="mcore -> hf", disable=not progress):
         assert tuple(tensor.shape) == expected[name], (name, tuple(tensor.shape), expected[name])
-        tensor = tensor.to(out_dtype)
         if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or not tensor.is_contiguous():
             tensor = tensor.contiguous().clone()  # a split of a fused tensor: safetensors needs its own storage
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[0] and sizes[0] + nbytes > max_shard_bytes:
-            flush()
-        shards[0][name] = tensor
-        sizes[0] += nbytes
+        if shard and shard_bytes + nbytes > max_shard_bytes:
+            files.append(_write_shard(tmp, len(files) + 1, shard, weight_map))
+            shard, shard_bytes = {}, 0
+        shard[name] = tensor
+        shard_bytes += nbytes
         total += nbytes
-    if shards[0]:
-        flush()
+    if shard:
+        files.append(_write_shard(tmp, len(files) + 1, shard, weight_map))
 
     # final names model-0000i-of-0000n.safetensors, as transformers writes them
     renamed = {old: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, old in enumerate(files)}

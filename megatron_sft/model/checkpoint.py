@@ -50,11 +50,20 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def fresh_temporary_sibling(final: Path, overwrite: bool = True) -> Path:
-    """An empty ``.NAME.tmp`` next to ``final`` to write into; refuses an existing ``final`` unless overwrite."""
+def refuse_existing_output(final: Path, overwrite: bool) -> None:
+    """Called before any work is done, so that an existing output fails fast."""
     if final.exists() and not overwrite:
         raise FileExistsError(f"output directory {final} already exists; pass --overwrite to replace it")
-    tmp = final.parent / f".{final.name}.tmp"
+
+
+def temporary_sibling(final: Path) -> Path:
+    """Where ``final`` is written before it is renamed into place."""
+    return final.parent / f".{final.name}.tmp"
+
+
+def fresh_temporary_sibling(final: Path) -> Path:
+    """An empty :func:`temporary_sibling` of ``final`` (left-overs of a crashed write are removed)."""
+    tmp = temporary_sibling(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -117,7 +126,7 @@ def save_model(model, args: ModelArgs, ckpt_dir: str | Path, tokenizer_src: Opti
     from megatron.core import dist_checkpointing
 
     final = Path(ckpt_dir)
-    tmp = final.parent / f".{final.name}.tmp"
+    tmp = temporary_sibling(final)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         (fresh_temporary_sibling(final) / MODEL_DIR).mkdir()
