@@ -92,7 +92,10 @@ def test_bad_rows_error_with_location_or_are_skipped_and_counted(tokenizer, tmp_
 def test_truncation_policies(tokenizer, tmp_path):
     path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1", "response": " ".join(["7"] * 20)}])
     (cut,), report = tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=10)))
-    assert len(cut) == 10 and report.truncated == 1 and sum(cut.target_mask) > 0
+    assert len(cut) == 10 and report.truncated == 1 and cut.truncated and sum(cut.target_mask) > 0
+    # a row that fits max_length exactly (4 prompt + 20 response + eos) is not counted as truncated
+    (fits,), report = tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=25)))
+    assert len(fits) == 25 and report.truncated == 0 and not fits.truncated
     with pytest.raises(DataError, match="no usable rows"):
         tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=10, truncation="drop")), "skip")
     with pytest.raises(DataError, match="prompt alone fills data.max_length=3"):

@@ -22,6 +22,7 @@ class Example:
     input_ids: list[int]
     target_mask: list[int]
     where: str = ""
+    truncated: bool = False  # cut to max_length by the truncation policy
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -114,7 +115,7 @@ class Formatter:
             raise DataError(f"{example.where}: {len(example)} tokens > data.max_length={limit}; dropped (data.truncation=drop)")
         if not any(example.target_mask[:limit]):
             raise DataError(f"{example.where}: the prompt alone fills data.max_length={limit}; nothing left to train on")
-        return Example(example.input_ids[:limit], example.target_mask[:limit], example.where)
+        return Example(example.input_ids[:limit], example.target_mask[:limit], example.where, truncated=True)
 
 
 @dataclass
@@ -146,8 +147,7 @@ def tokenize_rows(
             if len(report.first_skipped) < 5:
                 report.first_skipped.append(str(err))
             continue
-        if len(example) == formatter.config.max_length:
-            report.truncated += 1
+        report.truncated += example.truncated
         examples.append(example)
     report.kept = len(examples)
     if not examples:
