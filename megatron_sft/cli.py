@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_sft import __version__
-from megatron_sft.commands import convert, objectives, selftest
+from megatron_sft.commands import convert, demo, objectives, selftest, train
 
-COMMANDS = (convert, objectives, selftest)
+COMMANDS = (train, convert, demo, objectives, selftest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_sft.library_warnings import quiet_library_warnings
+
+    quiet_library_warnings()
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
 

@@ -31,12 +31,17 @@ def _to_cpu_device(value: Any) -> Any:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites ``device=cuda`` arguments to cpu and makes ``Tensor.cuda()`` a no-op."""
+    """Rewrites ``device=cuda`` arguments to cpu, makes ``Tensor.cuda()`` a no-op and ``Tensor.type()`` name
+    CPU tensors as ``torch.cuda.*`` (megatron-core's optimizers check parameter types by that name)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers accept parameters only if type() names a torch.cuda.* tensor
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.to:
@@ -115,22 +120,11 @@ def cpu_transformer_config_overrides() -> dict[str, Any]:
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        # gloo's batch_isend_irecv does not keep a send to the next stage apart from a send to the previous
+        # stage when they are the same rank (interleaved PP=2): activations and gradients got swapped.
+        # Separate, ordered isend/irecv calls (megatron-core's _p2p_ops) keep them apart.
+        batch_p2p_comm=False,
     )
-
-
-def mark_norms_sequence_parallel(model: torch.nn.Module) -> int:
-    """Tag norm parameters ``sequence_parallel=True`` under SP (what TE/Apex norms do).
-
-    The local spec's torch norms do not tag their weights, so ``finalize_model_grads`` would
-    not all-reduce their gradients over TP. Returns how many parameters were tagged.
-    """
-    tagged = 0
-    for module in model.modules():
-        if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or "Norm" in type(module).__name__:
-            for param in module.parameters(recurse=False):
-                param.sequence_parallel = True
-                tagged += 1
-    return tagged
 
 
 @functools.cache

@@ -17,10 +17,11 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from megatron_sft.parallel import free_port
+from megatron_sft.parallel import SINGLE_PROCESS_MARK, free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, threads: int) -> None:
+    os.environ.pop(SINGLE_PROCESS_MARK, None)  # inherited from a parent that ran single-process work first
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),

@@ -19,6 +19,8 @@ Spec strings (``parse_objective``) accept readable names and the reference imple
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -147,17 +149,26 @@ class Objective:
             return valid & (p >= self.threshold)
         if self.selection == "below":
             return valid & (p <= self.threshold)
-        all_p = _gather_valid(p[valid], group)
+        cutoff = self.percentile_cutoff(_gather_valid(p[valid], group))
+        if cutoff is None:
+            return valid
+        return valid & (p >= cutoff) if self.selection == "top_percent" else valid & (p <= cutoff)
+
+    def percentile_cutoff(self, all_p: Tensor) -> Optional[Tensor]:
+        """The p of the last token kept by a top/bottom k% selection over ``all_p`` (None if empty)."""
         n = all_p.numel()
         if n == 0:
-            return valid
-        keep_count = max(1, math.ceil(self.threshold / 100.0 * n))
-        keep_count = min(keep_count, n)
-        if self.selection == "top_percent":
-            cutoff = torch.topk(all_p, keep_count, largest=True, sorted=True).values[-1]
-            return valid & (p >= cutoff)
-        cutoff = torch.topk(all_p, keep_count, largest=False, sorted=True).values[-1]
-        return valid & (p <= cutoff)
+            return None
+        keep_count = min(max(1, math.ceil(self.threshold / 100.0 * n)), n)
+        largest = self.selection == "top_percent"
+        return torch.topk(all_p, keep_count, largest=largest, sorted=True).values[-1]
+
+    def with_fixed_cutoff(self, cutoff: float) -> "Objective":
+        """A percentile objective frozen to a p threshold measured beforehand (over a whole global batch)."""
+        if not self.needs_batch_statistics:
+            return self
+        selection = "above" if self.selection == "top_percent" else "below"
+        return dataclasses.replace(self, selection=selection, threshold=cutoff)
 
     # --- analysis -------------------------------------------------------------------------------
     def gradient_weight_curve(self, p: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_sft.cpu_shims import cpu_transformer_config_overrides, mark_norms_sequence_parallel
+from megatron_sft.cpu_shims import cpu_transformer_config_overrides
 from megatron_sft.model.args import ModelArgs
 
 
@@ -87,13 +87,13 @@ def build_gpt_model(
     use_transformer_engine: Optional[bool] = None,
 ):
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
-    spec = get_gpt_layer_with_transformer_engine_spec() if use_te else get_gpt_layer_local_spec(normalization="RMSNorm")
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = _local_block_spec(config, vp_stage)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -110,6 +110,38 @@ def build_gpt_model(
     inv_freq = args.rope_inv_freq()
     if inv_freq is not None:  # llama3 / linear rope scaling: use HF's exact frequencies
         model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq)
-    if config.sequence_parallel and not use_te:
-        mark_norms_sequence_parallel(model)
     return model
+
+
+class SequenceParallelTorchNorm:
+    """megatron-core's torch RMSNorm for the local spec, usable under sequence parallelism.
+
+    ``WrappedTorchNorm`` refuses ``sequence_parallel=True`` although a norm is per token: under SP each
+    rank normalises its own slice of the sequence. Its weight then gets a partial gradient on every TP
+    rank, so it is tagged ``sequence_parallel`` for ``finalize_model_grads`` to all-reduce over TP (what
+    the TE and Apex norms do).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        import copy
+
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _local_block_spec(config, vp_stage: Optional[int]):
+    """The local (pure torch) layer spec for this stage's layers, with norms that work under SP."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = SequenceParallelTorchNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=SequenceParallelTorchNorm)

@@ -41,6 +41,7 @@ def save_tiny_tokenizer(path: Path, vocab_words: int = 250) -> int:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)

@@ -1,0 +1,69 @@
+"""``megatron-sft train CONFIG.yaml [section.key=value ...]``: supervised fine-tuning with an f(p) objective."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from megatron_sft.train.config import describe_fields
+
+    parser = sub.add_parser(
+        "train",
+        help="fine-tune a converted checkpoint with any f(p) objective (TP/SP/PP/DP on megatron-core)",
+        description="Fine-tune a megatron-sft checkpoint (from `convert hf-to-mcore`). Run it on every rank of a "
+        "torchrun or Slurm job (the parallel layout comes from the config; DP = world / (TP x PP)), or on N local "
+        "processes with --nproc N. Settings come from CONFIG.yaml (see examples/) overridden by section.key=value "
+        "pairs. Writes OUTPUT/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/, hf/}.",
+        epilog="configuration keys (section.key = default):\n" + describe_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", help="YAML config file (optional when everything is given as overrides)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config values, e.g. optim.lr=1e-5 objective.name=neg_p parallel.tensor=2")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT/checkpoints/latest (model, optimizer, schedule, data order, RNG)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="launch this many local processes (gloo on 127.0.0.1 without CUDA, nccl with); "
+                        "leave unset under torchrun/Slurm, which start the processes themselves")
+    parser.set_defaults(run=run)
+
+
+def _worker(config_dict: dict, resume: bool) -> dict:
+    from megatron_sft.train.config import config_from_dict
+    from megatron_sft.train.trainer import train
+
+    return asdict(train(config_from_dict(config_dict), resume=resume))
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_sft.data.sources import DataError
+    from megatron_sft.objectives import ObjectiveSpecError
+    from megatron_sft.train.config import ConfigError, load_config
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
+        config_path, overrides = None, [config_path] + overrides
+    try:
+        config = load_config(config_path, overrides)
+        summary = launch(config, resume=args.resume, nproc=args.nproc)
+    except (ConfigError, DataError, ObjectiveSpecError, FileNotFoundError) as err:
+        print(f"megatron-sft train: error: {err}")
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    return 0
+
+
+def launch(config, resume: bool = False, nproc: int | None = None) -> dict:
+    """Train in this process (under torchrun/Slurm or single-process) or on ``nproc`` local workers."""
+    from megatron_sft.launch import run_local_workers
+    from megatron_sft.parallel import under_launcher
+    from megatron_sft.train.config import ConfigError
+
+    if nproc is not None and nproc > 1:
+        if under_launcher():
+            raise ConfigError("--nproc is for local runs; under torchrun/Slurm the launcher starts the processes")
+        return run_local_workers(_worker, nproc, config.to_dict(), resume, timeout_s=7 * 24 * 3600)[0]
+    return _worker(config.to_dict(), resume)

@@ -1,0 +1,93 @@
+"""Helpers for the trainer tests: a tiny converted model + task, configs, and workers that read results back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_sft.train.config import Config, load_config
+
+
+def make_tiny_run_inputs(root: Path, rows: int = 48, layers: int = 4) -> tuple[Path, Path]:
+    """(megatron checkpoint of a tiny random Qwen2 with 4 layers, train.jsonl of the shift task)."""
+    from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
+    from megatron_sft.demo import shift_task_rows, write_jsonl
+    from megatron_sft.launch import run_local_workers
+    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+
+    save_tiny_hf_model(root / "hf", "qwen2-tied-gqa", layers=layers, hidden=64, seed=0)
+    run_local_workers(convert_hf_to_mcore, 1, root / "hf", root / "ckpt", timeout_s=300)  # own process group
+    return root / "ckpt", write_jsonl(root / "train.jsonl", shift_task_rows(rows, seed=5))
+
+
+def tiny_config(ckpt: Path, data: Path, out: Path, *overrides: str) -> Config:
+    """A 2-step run on the tiny model; the Adam eps is large so that near-zero gradients are not amplified
+    into sign flips (layouts differ by float rounding; this keeps weight comparisons meaningful)."""
+    base = [
+        f"output_dir={out}", f"model.checkpoint={ckpt}", f"data.train={data}", "data.max_length=32",
+        "train.global_batch_size=8", "train.micro_batch_size=2", "train.epochs=1", "train.max_steps=2",
+        "optim.lr=1e-3", "optim.eps=1e-4", "optim.warmup_steps=0", "optim.schedule=constant",
+        "checkpoint.export_hf=false", "log.progress_bar=false", "log.tensorboard=false", "objective.name=neg_p",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def train_worker(config_dict: dict, resume: bool = False) -> dict:
+    from dataclasses import asdict
+
+    from megatron_sft.train.config import config_from_dict
+    from megatron_sft.train.trainer import train
+
+    return asdict(train(config_from_dict(config_dict), resume=resume))
+
+
+def full_weights_worker(checkpoints: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Each checkpoint's weights loaded at TP=1/PP=1 (one process): comparable across training layouts."""
+    from megatron_sft.model.checkpoint import load_model
+    from megatron_sft.parallel import init_model_parallel
+
+    init_model_parallel(1, 1)
+    states = []
+    for ckpt in checkpoints:
+        model, _ = load_model(ckpt)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")})
+    return states
+
+
+def per_token_loss_worker(ckpt: str, data: str, packing: bool, tensor_parallel: int, max_length: int = 48) -> dict[str, Any]:
+    """Per-token f(p) (objective nll) of every example, keyed by its FILE:ROW, from our model's forward with
+    packed (block-diagonal attention) or unpacked rows at ``tensor_parallel``."""
+    from transformers import AutoTokenizer
+
+    from megatron_sft.loss import vocab_parallel_objective_loss
+    from megatron_sft.model.checkpoint import TOKENIZER_DIR, load_model
+    from megatron_sft.parallel import init_model_parallel
+    from megatron_sft.train.attention import attention_inputs
+    from megatron_sft.train.batches import BatchShape, load_rows
+    from megatron_sft.train.config import DataConfig
+
+    init_model_parallel(tensor_parallel, 1)
+    model, args = load_model(ckpt)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(ckpt) / TOKENIZER_DIR))
+    rows = load_rows([data], DataConfig(max_length=max_length, packing=packing), tokenizer).rows
+    shape = BatchShape(micro_batch_size=4, pad_id=tokenizer.pad_token_id, pad_to_multiple=tensor_parallel, fixed_length=None)
+    result: dict[str, Any] = {}
+    for start in range(0, len(rows), 4):
+        chunk = rows[start : start + 4]
+        batch = shape.collate(chunk)
+        batch, mask, packed = attention_inputs(batch, use_thd=False)
+        with torch.no_grad():
+            logits = model(batch["tokens"], batch["position_ids"], mask)
+            out = vocab_parallel_objective_loss(logits, batch["labels"], "nll", batch["loss_mask"], vocab_size=args.vocab_size)
+        for b, row in enumerate(chunk):
+            for seq, where in enumerate(row.sources):
+                positions = (batch["sequence_ids"][b] == seq).nonzero().squeeze(1)
+                result[where] = {
+                    "loss": out.per_token_loss[b, positions].clone(),
+                    "trained": out.valid[b, positions].clone(),
+                    "labels": batch["labels"][b, positions].clone(),
+                }
+    return result

@@ -1,0 +1,77 @@
+"""From data files to this rank's micro-batches of a training step.
+
+Rows are read, tokenised (response-only loss), packed (or one per row) once at start-up, identically on
+every rank; the :class:`ShardedSampler` then picks this data-parallel rank's rows for each step, which are
+cut into micro-batches and collated. Under pipeline parallelism every micro-batch has the same length
+(the p2p buffers are fixed-size); otherwise a micro-batch is as long as its longest row. Lengths are
+rounded up to a multiple of the tensor-parallel size (sequence parallelism splits the sequence over TP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_sft.data.collate import collate
+from megatron_sft.data.formatting import FormatConfig, Formatter, TokenizeReport, tokenize_rows
+from megatron_sft.data.packing import PackedRow, pack_examples, single_rows
+from megatron_sft.data.sources import read_rows
+from megatron_sft.train.config import DataConfig
+
+
+@dataclass
+class TrainingRows:
+    rows: list[PackedRow]
+    report: TokenizeReport
+    sequences: int  # examples (several per row when packed)
+    tokens: int  # non-padding tokens
+    target_tokens: int  # tokens trained on
+
+
+def format_config(data: DataConfig) -> FormatConfig:
+    return FormatConfig(
+        prompt_key=data.prompt_key, response_key=data.response_key, messages_key=data.messages_key,
+        template=data.template, plain_template=data.plain_template, max_length=data.max_length,
+        truncation=data.truncation, add_eos=data.add_eos,
+    )
+
+
+def load_rows(paths: list[str], data: DataConfig, tokenizer: Any) -> TrainingRows:
+    formatter = Formatter(tokenizer, format_config(data))
+
+    def all_rows():
+        for path in paths:
+            yield from read_rows(path)
+
+    examples, report = tokenize_rows(all_rows(), formatter, on_bad_row=data.on_bad_row)
+    rows = pack_examples(examples, data.max_length) if data.packing else single_rows(examples)
+    return TrainingRows(
+        rows=rows,
+        report=report,
+        sequences=len(examples),
+        tokens=sum(len(e) for e in examples),
+        target_tokens=sum(sum(e.target_mask) for e in examples),
+    )
+
+
+@dataclass
+class BatchShape:
+    micro_batch_size: int
+    pad_id: int
+    pad_to_multiple: int  # tensor-parallel size
+    fixed_length: int | None  # set under pipeline parallelism
+
+    def collate(self, rows: list[PackedRow]) -> dict[str, torch.Tensor]:
+        return collate(rows, self.pad_id, seq_length=self.fixed_length, pad_to_multiple=self.pad_to_multiple)
+
+    def micro_batches(self, rows: list[PackedRow]) -> list[dict[str, torch.Tensor]]:
+        size = self.micro_batch_size
+        if len(rows) % size:
+            raise ValueError(f"{len(rows)} rows per rank is not a multiple of the micro batch size {size}")
+        return [self.collate(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

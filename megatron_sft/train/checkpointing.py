@@ -1,0 +1,165 @@
+"""Training checkpoints: model, optimizer, LR schedule, sampler and RNG, written atomically.
+
+    OUTPUT/checkpoints/step_0000100/   a megatron-sft checkpoint (model_args.json, model/, tokenizer/) that
+                                       `convert mcore-to-hf` and `train model.checkpoint=` accept as is, plus
+                                       optimizer/ (megatron-core dist checkpoint, resharding-capable format),
+                                       trainer_state.json (step, sampler, scheduler) and rng/rank*.pt
+    OUTPUT/checkpoints/latest          the name of the newest complete checkpoint
+
+A checkpoint is written to a hidden temporary directory and renamed into place, and ``latest`` is replaced
+atomically after that, so a crash at any moment leaves ``latest`` naming a loadable checkpoint. Only the
+newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_sft.model.checkpoint import (
+    MODEL_ARGS_FILE, MODEL_DIR, TOKENIZER_DIR, copy_tokenizer_files, fresh_temporary_sibling, replace_directory,
+    temporary_sibling,
+)
+from megatron_sft.train.model_setup import TrainingModel, chunks_sharded_state_dict
+
+OPTIMIZER_DIR = "optimizer"
+STATE_FILE = "trainer_state.json"
+RNG_DIR = "rng"
+LATEST = "latest"
+# the distributed optimizer's state in a layout-independent form (reloads at another TP/PP/DP)
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_training_checkpoint(
+    model: TrainingModel,
+    checkpoints_dir: str | Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    tokenizer_src: Optional[str | Path],
+    save_optimizer: bool = True,
+    keep_last: int = 2,
+) -> Path:
+    """Collective. Returns the final directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(checkpoints_dir)
+    final = root / step_dir_name(step)
+    tmp = temporary_sibling(final)
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_temporary_sibling(final)
+        for sub in (MODEL_DIR, OPTIMIZER_DIR, RNG_DIR):
+            (tmp / sub).mkdir()
+    _barrier()
+    model_sd = chunks_sharded_state_dict(model.modules)
+    dist_checkpointing.save(model_sd, str(tmp / MODEL_DIR))
+    if save_optimizer:
+        optim_sd = model.optimizer.sharded_state_dict(chunks_sharded_state_dict(model.modules), metadata=OPTIMIZER_METADATA)
+        dist_checkpointing.save(optim_sd, str(tmp / OPTIMIZER_DIR))
+    torch.save(rng_state(), tmp / RNG_DIR / f"rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        model.args.save(tmp / MODEL_ARGS_FILE)
+        if tokenizer_src is not None:
+            copy_tokenizer_files(Path(tokenizer_src), tmp / TOKENIZER_DIR)
+        state = dict(trainer_state, step=step, scheduler=model.scheduler.state_dict(), has_optimizer=save_optimizer,
+                     world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        replace_directory(tmp, final)
+        _write_latest(root, final.name)
+        _prune(root, keep_last, keep=final.name)
+    _barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in steps[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names, or None when there is none yet."""
+    pointer = Path(checkpoints_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(checkpoints_dir) / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {path}, which has no {STATE_FILE}; the checkpoint directory was altered")
+    return path
+
+
+def load_training_checkpoint(model: TrainingModel, path: str | Path) -> dict[str, Any]:
+    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_sft.train.model_setup import load_chunk_weights
+
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    if not state.get("has_optimizer", False):
+        raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer=false); it cannot be resumed")
+    load_chunk_weights(model.modules, path / MODEL_DIR)
+    optim_sd = model.optimizer.sharded_state_dict(
+        chunks_sharded_state_dict(model.modules), is_loading=True, metadata=OPTIMIZER_METADATA
+    )
+    model.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / OPTIMIZER_DIR)))
+    model.scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / RNG_DIR / f"rank{_rank()}.pt"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if rng_file.is_file() and state.get("world_size") == world:
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state

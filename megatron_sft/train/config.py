@@ -1,0 +1,282 @@
+"""Training configuration: typed dataclasses, read from YAML, overridden with ``section.key=value`` pairs.
+
+Every field has a default equal to the paper's recipe (AdamW lr 5e-5, betas (0.9, 0.95), weight decay
+0.01, 10% warmup then cosine, clip 1.0, global batch 256 sequences, 3 epochs) so a config file only
+states what differs. Unknown sections/keys and values of the wrong type fail with the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str = ""  # a megatron-sft checkpoint (megatron-sft convert hf-to-mcore)
+    recompute: Literal["none", "full", "selective"] = "none"  # activation recomputation
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # jsonl / parquet files, or directories of them / HF datasets
+    eval: list[str] = field(default_factory=list)  # optional held-out rows: loss and mean p are logged
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    messages_key: str = "messages"
+    template: Literal["chat", "plain"] = "chat"
+    plain_template: str = "{prompt}\n"
+    max_length: int = 2048
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    on_bad_row: Literal["error", "skip"] = "error"
+    add_eos: bool = True
+    packing: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "nll"  # any spec from `megatron-sft objectives`
+    reduction: Literal["token_mean", "sequence_mean"] = "token_mean"
+    denominator: Literal["selected", "valid"] = "selected"
+    # global: divide by the tokens of the whole global batch (megatron-core's per-token loss);
+    # micro_batch: per micro-batch mean, averaged over micro-batches and DP ranks (the reference trainer)
+    normalization: Literal["global", "micro_batch"] = "global"
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 256  # sequences (packed rows when data.packing) per optimizer step
+    micro_batch_size: int = 1
+    epochs: int = 3
+    max_steps: Optional[int] = None  # stop early after this many steps (the schedule still spans all epochs)
+    seed: int = 1234
+    on_nonfinite: Literal["skip", "halt"] = "halt"  # a step whose loss or grad norm is NaN/inf
+    eval_every_steps: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.1
+    warmup_steps: Optional[int] = None  # overrides warmup_ratio
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end (and on SIGTERM/SIGUSR1)
+    keep_last: int = 2
+    save_optimizer: bool = True  # needed to resume; a model-only checkpoint is enough to export
+    export_hf: bool = True  # write OUTPUT/hf (safetensors) at the end
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron-sft"
+    wandb_run_name: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    output_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        data = self.to_dict()
+        data["optim"]["betas"] = list(data["optim"]["betas"])
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` checked/converted to the field's type; strings from the command line are parsed as YAML."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [value] if origin is list else yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return [_coerce(v, args[0], key) for v in value]
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+                value = float(value) if annotation is float and isinstance(value, str) else value
+            except (yaml.YAMLError, ValueError):
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if annotation is int and float(value) != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return annotation(value)
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def _set(section_obj: Any, section: str, key: str, value: Any) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    if key not in hints:
+        names = ", ".join(f.name for f in dataclasses.fields(section_obj))
+        raise ConfigError(f"unknown key {section}.{key}; {section} has: {names}")
+    setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def _apply(config: Config, data: dict[str, Any], origin: str) -> None:
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"{origin}: unknown section {section!r}; sections are: {', '.join(sorted(sections))}")
+        if section == "output_dir":
+            config.output_dir = str(values)
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping of key: value")
+        for key, value in values.items():
+            _set(getattr(config, section), section, key, value)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-5", "data.train=a.jsonl"]`` -> nested dict (values parsed as YAML scalars)."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like section.key=value (e.g. optim.lr=1e-5)")
+        path, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        if path == "output_dir":
+            nested["output_dir"] = raw
+            continue
+        if path.count(".") != 1:
+            raise ConfigError(f"override {pair!r}: the key must be section.key (e.g. optim.lr), got {path!r}")
+        section, key = path.split(".")
+        nested.setdefault(section, {})[key] = raw if isinstance(value, (dict,)) else value
+    return nested
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _apply(config, data, str(path))
+    _apply(config, parse_overrides(overrides or []), "command line")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that need no process group; the parallel layout is checked against the world size at start."""
+    from megatron_sft.objectives import parse_objective
+
+    if not config.output_dir:
+        raise ConfigError("output_dir is not set: add `output_dir: runs/NAME` to the config or output_dir=... on the command line")
+    if not config.model.checkpoint:
+        raise ConfigError("model.checkpoint is not set: point it at a directory from `megatron-sft convert hf-to-mcore`")
+    if not config.data.train:
+        raise ConfigError("data.train is empty: list the training files (jsonl / parquet / HF dataset directories)")
+    parse_objective(config.objective.name)
+    t, o = config.train, config.optim
+    positive = {"train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
+                "train.epochs": t.epochs, "data.max_length": config.data.max_length,
+                "parallel.tensor": config.parallel.tensor, "parallel.pipeline": config.parallel.pipeline,
+                "log.every_steps": config.log.every_steps, "checkpoint.keep_last": config.checkpoint.keep_last}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size {t.micro_batch_size}")
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got lr={o.lr}, min_lr={o.min_lr})")
+    vp = config.parallel.virtual_pipeline
+    if vp is not None and (vp < 2 or config.parallel.pipeline < 2):
+        raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be >= 1 or null, got {t.max_steps}")
+
+
+def describe_fields() -> str:
+    """Every key with its default, for ``megatron-sft train --help``."""
+    lines = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        if section.name == "output_dir":
+            lines.append("  output_dir: (required) where checkpoints, logs and the HF export go")
+            continue
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            value = getattr(getattr(defaults, section.name), f.name)
+            lines.append(f"  {section.name}.{f.name} = {value!r}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """The inverse of :meth:`Config.to_dict` (used to hand a config to spawned workers)."""
+    config = Config()
+    _apply(config, data, "config")
+    validate(config)
+    return config

@@ -1,0 +1,176 @@
+"""Model chunks, megatron-core DDP, distributed optimizer and LR schedule for a training run.
+
+Everything parallel is megatron-core's own: ``GPTModel`` chunks per (virtual) pipeline stage,
+``DistributedDataParallel`` with contiguous grad buffers, ``get_megatron_optimizer`` (Adam with decoupled
+weight decay, optionally sharded over DP = ZeRO-1), ``OptimizerParamScheduler`` and
+``finalize_model_grads`` (DP/SP/embedding grad all-reduces and per-token scaling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_sft.model.args import ModelArgs
+from megatron_sft.model.builder import build_gpt_model, build_transformer_config
+from megatron_sft.model.checkpoint import MODEL_DIR, read_model_args
+from megatron_sft.train.config import Config
+
+
+@dataclass
+class TrainingModel:
+    args: ModelArgs
+    chunks: list  # DDP-wrapped GPTModel per virtual pipeline stage (one without interleaving)
+    optimizer: object
+    scheduler: object
+    config: object  # the TransformerConfig shared by the chunks
+
+    @property
+    def modules(self) -> list:
+        """The unwrapped GPTModel chunks (for state dicts)."""
+        return [chunk.module for chunk in self.chunks]
+
+
+def chunks_sharded_state_dict(modules: list) -> dict:
+    """One sharded state dict for all chunks; tensors are keyed globally, so any layout can load it."""
+    if len(modules) == 1:
+        return modules[0].sharded_state_dict()
+    return {f"chunk{i}": module.sharded_state_dict() for i, module in enumerate(modules)}
+
+
+def load_chunk_weights(modules: list, model_dir: str | Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    sharded = chunks_sharded_state_dict(modules)
+    loaded = dist_checkpointing.load(sharded, str(model_dir))
+    per_chunk = [loaded] if len(modules) == 1 else [loaded[f"chunk{i}"] for i in range(len(modules))]
+    for module, state in zip(modules, per_chunk):
+        result = module.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing:
+            raise RuntimeError(f"{model_dir}: checkpoint has no values for {missing[:5]} ({len(missing)} tensors)")
+
+
+def build_training_model(cfg: Config, total_steps: int, load_weights: bool = True) -> TrainingModel:
+    """Build this rank's chunks from the checkpoint's args, load its weights, wrap in DDP, make the optimizer."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    args = read_model_args(cfg.model.checkpoint)
+    par = cfg.parallel
+    recompute = None if cfg.model.recompute == "none" else cfg.model.recompute
+    tconfig = build_transformer_config(
+        args,
+        tensor_parallel=par.tensor,
+        pipeline_parallel=par.pipeline,
+        virtual_pipeline_parallel=par.virtual_pipeline,
+        sequence_parallel=par.sequence_parallel,
+        recompute_granularity=recompute,
+        perform_initialization=not load_weights,
+    )
+    tconfig.calculate_per_token_loss = cfg.objective.normalization == "global"
+    vp = par.virtual_pipeline
+    modules = []
+    for stage in range(vp or 1):
+        vp_stage = stage if vp else None
+        modules.append(build_gpt_model(
+            args, tconfig,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        ))
+    if load_weights:
+        load_chunk_weights(modules, Path(cfg.model.checkpoint) / MODEL_DIR)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=par.distributed_optimizer,
+        check_for_nan_in_grad=False,  # non-finite steps are handled by the trainer (skip or halt)
+    )
+    chunks = [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=module, disable_bucketing=index > 0)
+        for index, module in enumerate(modules)
+    ]
+    for chunk in chunks:
+        chunk.broadcast_params()  # identical replicas across DP (they loaded the same weights anyway)
+
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.betas[0],
+            adam_beta2=o.betas[1],
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=tconfig.bf16,
+            params_dtype=tconfig.params_dtype,
+            use_distributed_optimizer=par.distributed_optimizer,
+        ),
+        chunks,
+    )
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_ratio * total_steps))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr if o.schedule != "constant" else o.lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=o.schedule,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    return TrainingModel(args=args, chunks=chunks, optimizer=optimizer, scheduler=scheduler, config=tconfig)
+
+
+def count_parameters(args: ModelArgs) -> tuple[int, int]:
+    """(all parameters, parameters excluding the input embedding) of the full (unsharded) model."""
+    h, f, layers = args.hidden_size, args.ffn_hidden_size, args.num_layers
+    kv = args.num_query_groups * args.kv_channels
+    q = args.num_attention_heads * args.kv_channels
+    attention = h * (q + 2 * kv) + q * h + (q + 2 * kv if args.qkv_bias else 0)
+    mlp = 3 * h * f
+    per_layer = attention + mlp + 2 * h
+    embedding = args.vocab_size * h
+    head = 0 if args.tie_word_embeddings else args.vocab_size * h
+    body = layers * per_layer + h
+    return body + embedding + head, body + args.vocab_size * h  # the LM head matmul always runs
+
+
+def set_train_mode(model: TrainingModel, training: bool) -> None:
+    for chunk in model.chunks:
+        chunk.train(training)
+
+
+def zero_grads(model: TrainingModel) -> None:
+    for chunk in model.chunks:
+        chunk.zero_grad_buffer()
+    model.optimizer.zero_grad()
+
+
+def grads_finite(model: TrainingModel) -> bool:
+    """Whether every gradient on every rank is finite (one all-reduce of a flag over the world)."""
+    import torch.distributed as dist
+
+    finite = all(bool(torch.isfinite(buffer.grad_data).all()) for chunk in model.chunks for buffer in chunk.buffers)
+    flag = torch.tensor([1.0 if finite else 0.0], device=_device())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

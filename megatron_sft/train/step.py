@@ -1,0 +1,196 @@
+"""One optimizer step: forward/backward over the micro-batches with megatron-core's pipeline schedules.
+
+``get_forward_backward_func`` picks no-pipelining, 1F1B or interleaved 1F1B from the parallel state. The
+loss is our vocab-parallel f(p) loss; it hands megatron-core a (numerator, denominator) pair per
+micro-batch. With ``objective.normalization=global`` megatron-core sums both over micro-batches and DP
+ranks and divides the gradients once (``calculate_per_token_loss``), so the step's loss is the token mean
+of the whole global batch, independent of how it is split over micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_sft.loss import reduce_loss, token_p_stats, vocab_parallel_objective_loss
+from megatron_sft.model.builder import transformer_engine_available
+from megatron_sft.objectives import Objective, _gather_valid
+from megatron_sft.train.attention import attention_inputs
+from megatron_sft.train.config import ObjectiveConfig
+from megatron_sft.train.model_setup import TrainingModel, grads_finite, zero_grads
+
+# per-micro-batch statistics summed over the step: loss numerator, denominator, per-micro-batch mean
+# (for micro_batch normalization), sum of p and count over response tokens, selected tokens, micro-batches
+_STATS = ("numerator", "denominator", "micro_mean", "sum_p", "valid", "selected", "micro_batches")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class StepResult:
+    loss: float
+    mean_p: float
+    selected_fraction: float
+    grad_norm: Optional[float]
+    lr: float
+    skipped: bool
+    seconds: float
+    tokens: int  # non-padding tokens in the global batch
+    stats: dict = field(default_factory=dict)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class StepRunner:
+    """Runs training (and forward-only evaluation) steps of one model with one objective."""
+
+    def __init__(self, model: TrainingModel, objective: Objective, objective_cfg: ObjectiveConfig):
+        self.model = model
+        self.objective = objective
+        self.cfg = objective_cfg
+        self.vocab_size = model.args.vocab_size
+        self.use_thd = transformer_engine_available()
+
+    # ---- the forward step handed to megatron-core's schedules ------------------------------------
+    def _forward_step(self, objective: Objective, sink: list, collect_p: bool = False):
+        device = _device()
+        cfg = self.cfg
+
+        def forward_step(data_iterator, chunk):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+            batch, attention_mask, packed = attention_inputs(batch, self.use_thd)
+            output = chunk(batch["tokens"], batch["position_ids"], attention_mask, packed_seq_params=packed)
+
+            def loss_func(logits: torch.Tensor):
+                out = vocab_parallel_objective_loss(
+                    logits, batch["labels"], objective, batch["loss_mask"], vocab_size=self.vocab_size
+                )
+                if collect_p:
+                    sink.append(out.p[out.valid].detach())
+                    return logits.sum() * 0.0, torch.tensor(0, dtype=torch.int, device=device), {}
+                numerator, denominator = reduce_loss(out, cfg.reduction, cfg.denominator, batch["sequence_ids"])
+                sum_p, valid = token_p_stats(out)
+                sink.append(torch.stack([
+                    numerator.detach(), denominator, numerator.detach() / denominator.clamp_min(1), sum_p, valid,
+                    out.selected.sum().to(sum_p.dtype), torch.ones((), device=device),
+                ]).double())
+                return numerator, denominator.round().to(torch.int), {}
+
+            return output, loss_func
+
+        return forward_step
+
+    def _run(self, micro_batches: list[dict], forward_step, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        iterators = [iter(micro_batches) for _ in self.model.chunks]
+        first = micro_batches[0]["tokens"]
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model.chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=first.size(1),
+            micro_batch_size=first.size(0),
+            forward_only=forward_only,
+        )
+
+    # ---- percentile objectives: the cutoff over the whole global batch ---------------------------
+    def _step_objective(self, micro_batches: list[dict]) -> Objective:
+        """Percentiles are taken over the global batch: with several micro-batches, a forward-only pass
+        measures every token's p first, and the step trains with the resulting fixed p cutoff."""
+        from megatron.core import parallel_state as ps
+
+        if not self.objective.needs_batch_statistics or len(micro_batches) == 1:
+            return self.objective
+        collected: list[torch.Tensor] = []
+        self._run(micro_batches, self._forward_step(self.objective, collected, collect_p=True), forward_only=True)
+        cutoff = torch.zeros(1, dtype=torch.float32, device=_device())
+        if ps.is_pipeline_last_stage():
+            local = torch.cat(collected) if collected else torch.zeros(0, device=_device())
+            value = self.objective.percentile_cutoff(_gather_valid(local, ps.get_data_parallel_group()))
+            cutoff[0] = -1.0 if value is None else value
+        # the loss runs on the last stage only; other stages do not need the cutoff
+        return self.objective.with_fixed_cutoff(float(cutoff[0])) if float(cutoff[0]) >= 0 else self.objective
+
+    # ---- a training step ---------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict], on_nonfinite: str = "halt") -> StepResult:
+        model = self.model
+        started = time.perf_counter()
+        zero_grads(model)
+        objective = self._step_objective(micro_batches)
+        sink: list[torch.Tensor] = []
+        self._run(micro_batches, self._forward_step(objective, sink), forward_only=False)
+        stats = self._reduce_stats(sink)
+        loss = self._loss_value(stats)
+        skipped, grad_norm = False, None
+        if not (math.isfinite(loss) and grads_finite(model)):
+            message = (f"non-finite loss ({loss}) or gradient at this step; lower optim.lr, check the data, or set "
+                       "train.on_nonfinite=skip to skip such steps")
+            if on_nonfinite == "halt":
+                raise NonFiniteError(message)
+            skipped = True
+            zero_grads(model)
+        else:
+            success, grad_norm, _ = model.optimizer.step()
+            skipped = not success
+        lr = float(model.optimizer.param_groups[0]["lr"])  # the rate this step used
+        model.scheduler.step(increment=1)
+        tokens = int(sum(int((mb["sequence_ids"] >= 0).sum()) for mb in micro_batches))
+        tokens = int(self._sum_over_dp(torch.tensor([float(tokens)], device=_device()))[0])
+        return StepResult(
+            loss=loss,
+            mean_p=stats["sum_p"] / max(stats["valid"], 1.0),
+            selected_fraction=stats["selected"] / max(stats["valid"], 1.0),
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            lr=lr,
+            skipped=skipped,
+            seconds=time.perf_counter() - started,
+            tokens=tokens,
+            stats=stats,
+        )
+
+    def evaluate(self, micro_batches: list[dict]) -> dict[str, float]:
+        """Loss and mean p on held-out micro-batches (forward only, no gradient)."""
+        from megatron_sft.train.model_setup import set_train_mode
+
+        sink: list[torch.Tensor] = []
+        set_train_mode(self.model, False)
+        with torch.no_grad():
+            self._run(micro_batches, self._forward_step(self.objective, sink), forward_only=True)
+        set_train_mode(self.model, True)
+        stats = self._reduce_stats(sink)
+        return {"loss": self._loss_value(stats), "mean_p": stats["sum_p"] / max(stats["valid"], 1.0)}
+
+    # ---- statistics --------------------------------------------------------------------------------
+    def _loss_value(self, stats: dict) -> float:
+        if self.cfg.normalization == "global":
+            return stats["numerator"] / max(stats["denominator"], 1.0)
+        return stats["micro_mean"] / max(stats["micro_batches"], 1.0)
+
+    def _sum_over_dp(self, values: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        if dist.is_initialized():
+            dist.all_reduce(values, group=ps.get_data_parallel_group())
+        return values
+
+    def _reduce_stats(self, sink: list[torch.Tensor]) -> dict[str, float]:
+        """Step totals, identical on every rank: the last stage's sums, summed over DP, shared with all."""
+        from megatron.core import parallel_state as ps
+
+        totals = torch.stack(sink).sum(0) if sink else torch.zeros(len(_STATS), dtype=torch.float64, device=_device())
+        if dist.is_initialized():
+            if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
+                totals.zero_()
+            dist.all_reduce(totals)
+        return dict(zip(_STATS, totals.tolist()))

@@ -1,0 +1,227 @@
+"""The SFT training loop: data, model, steps, logging, checkpoints, preemption, export.
+
+Run on every rank of a torchrun / Slurm job (or on local processes via ``megatron-sft train --nproc N``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_sft.library_warnings import quiet_library_warnings
+from megatron_sft.model.checkpoint import TOKENIZER_DIR
+from megatron_sft.objectives import parse_objective
+from megatron_sft.train.batches import BatchShape, TrainingRows, load_rows, round_up
+from megatron_sft.train.checkpointing import (
+    latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
+)
+from megatron_sft.train.config import Config, ConfigError
+from megatron_sft.train.logger import RunLogger, flops_per_token, peak_flops
+from megatron_sft.train.model_setup import build_training_model
+from megatron_sft.train.step import StepRunner
+
+
+@dataclass
+class TrainSummary:
+    steps: int  # optimizer steps taken in total (including before a resume)
+    first_loss: Optional[float]
+    last_loss: Optional[float]
+    first_mean_p: Optional[float]
+    last_mean_p: Optional[float]
+    checkpoint: Optional[str]
+    export: Optional[str]
+    stopped_by_signal: bool
+    losses: list[float]
+
+
+class _StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm preemption or time limit) ask for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. embedded use): no handler
+                pass
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank got a signal (ranks must stop at the same step)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=_device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _data_report(name: str, data: TrainingRows, packing: bool) -> str:
+    r = data.report
+    lines = [f"{name}: {r.rows} rows read, {r.kept} used, {r.truncated} truncated, "
+             f"{sum(r.skipped.values())} skipped; {data.sequences} sequences -> {len(data.rows)} "
+             f"{'packed rows' if packing else 'rows'}; {data.tokens} tokens, {data.target_tokens} trained on"]
+    for reason, count in r.skipped.items():
+        lines.append(f"  skipped {count}: {reason}")
+    for message in r.first_skipped:
+        lines.append(f"  e.g. {message}")
+    return "\n".join(lines)
+
+
+def train(cfg: Config, resume: bool = False) -> TrainSummary:
+    from megatron.core import parallel_state as ps
+    from transformers import AutoTokenizer
+
+    from megatron_sft.data.sampler import ShardedSampler
+    from megatron_sft.parallel import init_distributed, init_model_parallel
+
+    quiet_library_warnings()
+    rank, world = init_distributed()
+    par = cfg.parallel
+    init_model_parallel(par.tensor, par.pipeline, par.virtual_pipeline, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    main = rank == 0
+    out = Path(cfg.output_dir)
+    checkpoints = out / "checkpoints"
+    existing = latest_checkpoint(checkpoints)
+    if existing is not None and not resume:
+        raise ConfigError(f"{out} already has checkpoints (latest: {existing.name}); pass --resume to continue "
+                          "that run, or choose another output_dir")
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be a multiple of train.micro_batch_size "
+                          f"({t.micro_batch_size}) x data-parallel size ({dp} = {world} ranks / (TP {par.tensor} x PP {par.pipeline}))")
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    if par.virtual_pipeline and num_micro % par.pipeline:
+        raise ConfigError(f"interleaved pipelining needs the micro-batches per rank ({num_micro}) to be a multiple of "
+                          f"parallel.pipeline ({par.pipeline}); raise train.global_batch_size")
+
+    tokenizer_dir = Path(cfg.model.checkpoint) / TOKENIZER_DIR
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    data = load_rows(cfg.data.train, cfg.data, tokenizer)
+    eval_data = load_rows(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
+    sampler = ShardedSampler(len(data.rows), t.global_batch_size, dp_rank, dp, seed=cfg.data.seed)
+    total_steps = sampler.steps_per_epoch * t.epochs
+    run_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shape = BatchShape(t.micro_batch_size, pad_id, par.tensor,
+                       round_up(cfg.data.max_length, par.tensor) if par.pipeline > 1 else None)
+
+    model = build_training_model(cfg, total_steps)
+    objective = parse_objective(cfg.objective.name)
+    runner = StepRunner(model, objective, cfg.objective)
+    start_step = 0
+    if existing is not None:
+        state = load_training_checkpoint(model, existing)
+        sampler.load_state_dict(state["sampler"])
+        start_step = state["step"]
+
+    log = RunLogger(out, cfg.log, run_steps, start_step, enabled=main, run_config=cfg.to_dict())
+    if main:
+        cfg.save(out / "config.yaml")
+        log.print(_data_report("train data", data, cfg.data.packing))
+        if eval_data is not None:
+            log.print(_data_report("eval data", eval_data, cfg.data.packing))
+        if sampler.repeated_per_epoch:
+            log.print(f"  {len(data.rows)} rows do not fill whole global batches of {t.global_batch_size}: the last step of "
+                      f"each epoch repeats {sampler.repeated_per_epoch} rows of that epoch (none is dropped)")
+        log.print(f"layout: {world} ranks = TP {par.tensor} x PP {par.pipeline}"
+                  f"{f' (x{par.virtual_pipeline} virtual)' if par.virtual_pipeline else ''} x DP {dp}"
+                  f"{', SP' if par.sequence_parallel and par.tensor > 1 else ''}; {num_micro} micro-batches of "
+                  f"{t.micro_batch_size} per rank per step; objective {objective.spec} ({objective.formula}); "
+                  f"{total_steps} steps over {t.epochs} epochs"
+                  f"{f', running {run_steps}' if run_steps < total_steps else ''}"
+                  f"{f'; resumed from {existing.name}' if existing is not None else ''}")
+
+    peak = peak_flops()
+    mean_len = data.tokens / max(data.sequences, 1)
+    flops_token = flops_per_token(model.args, mean_len)
+    stop = _StopSignal()
+    losses: list[float] = []
+    first_p = last_p = None
+    saved: Optional[Path] = existing
+    step = start_step
+    trainer_state = lambda: {"sampler": sampler.state_dict(), "data_rows": len(data.rows)}  # noqa: E731
+    stopped = False
+    while step < run_steps:
+        epoch, epoch_step, rows = sampler.next_step()
+        micro_batches = shape.micro_batches([data.rows[i] for i in rows])
+        result = runner.train_step(micro_batches, t.on_nonfinite)
+        step += 1
+        losses.append(result.loss)
+        first_p = result.mean_p if first_p is None else first_p
+        last_p = result.mean_p
+        tokens_per_s = result.tokens / max(result.seconds, 1e-9)
+        metrics = {
+            "loss": result.loss, "mean_p": result.mean_p, "selected_fraction": result.selected_fraction,
+            "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+            "step_seconds": result.seconds, "mfu": tokens_per_s * flops_token / (peak * world) if peak else None,
+            "skipped": result.skipped,
+        }
+        if eval_data is not None and t.eval_every_steps and (step % t.eval_every_steps == 0 or step == run_steps):
+            metrics.update({f"eval/{k}": v for k, v in evaluate_rows(runner, shape, eval_data, t.global_batch_size // dp, dp, dp_rank).items()})
+        log.log_step(step, run_steps, epoch + (epoch_step + 1) / sampler.steps_per_epoch, metrics)
+        stopped = stop.agreed()
+        every = cfg.checkpoint.every_steps
+        if stopped or (every and step % every == 0) or step == run_steps:
+            saved = save_training_checkpoint(model, checkpoints, step, trainer_state(), tokenizer_dir,
+                                             cfg.checkpoint.save_optimizer, cfg.checkpoint.keep_last)
+            log.print(f"saved checkpoint {saved}")
+        if stopped:
+            log.print(f"received signal {stop.received or 'on another rank'}: checkpoint saved at step {step}; "
+                      f"exiting. Continue with --resume.")
+            break
+
+    exported = None
+    if not stopped and cfg.checkpoint.export_hf and saved is not None:
+        exported = export_hf(saved, out / "hf", main)
+        log.print(f"exported HF model to {exported}")
+    log.close()
+    return TrainSummary(
+        steps=step, first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+        first_mean_p=first_p, last_mean_p=last_p, checkpoint=str(saved) if saved else None,
+        export=str(exported) if exported else None, stopped_by_signal=stopped, losses=losses,
+    )
+
+
+def evaluate_rows(runner: StepRunner, shape: BatchShape, data: TrainingRows, rows_per_rank: int, dp: int, dp_rank: int) -> dict:
+    """Held-out loss and mean p over all eval rows (each DP rank takes its share; batches padded by repeats)."""
+    n = len(data.rows)
+    per_rank = -(-n // dp)
+    per_rank = round_up(per_rank, shape.micro_batch_size)
+    indices = [(dp_rank * per_rank + i) % n for i in range(per_rank)]
+    return runner.evaluate(shape.micro_batches([data.rows[i] for i in indices]))
+
+
+_RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "GROUP_RANK", "ROLE_RANK", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE")
+
+
+def export_hf(checkpoint: Path, out_dir: Path, main: bool) -> Path:
+    """Rank 0 converts the final checkpoint in a child process (its own single-rank megatron state)."""
+    if main:
+        command = [sys.executable, "-m", "megatron_sft", "convert", "mcore-to-hf", "--checkpoint", str(checkpoint),
+                   "--out", str(out_dir), "--overwrite", "--no-progress"]
+        # the child is a fresh single-process job: hide this job's rendezvous variables from it
+        env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS and not k.startswith("TORCHELASTIC_")}
+        completed = subprocess.run(command, capture_output=True, text=True, env=env)
+        if completed.returncode != 0:
+            raise RuntimeError(f"HF export failed ({' '.join(command)}):\n{completed.stdout}\n{completed.stderr}")
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir

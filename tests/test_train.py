@@ -1,0 +1,201 @@
+"""The trainer on real gloo process groups: parallel layouts agree, packing is exact, resume is bit-exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sft.launch import run_local_workers
+from megatron_sft.testing.train_check import (
+    full_weights_worker, make_tiny_run_inputs, per_token_loss_worker, tiny_config, train_worker,
+)
+
+LAYOUTS = {
+    # name: (processes, overrides)
+    "tp2": (2, ["parallel.tensor=2"]),
+    "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+    "pp2_interleaved": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
+    "dp2": (2, []),
+    "dp2_no_distributed_optimizer": (2, ["parallel.distributed_optimizer=false"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    ckpt, data = make_tiny_run_inputs(root)
+    return root, ckpt, data
+
+
+def _run(tiny, name: str, nproc: int, *overrides: str, resume: bool = False) -> tuple[dict, Path]:
+    root, ckpt, data = tiny
+    out = root / name
+    config = tiny_config(ckpt, data, out, *overrides)
+    summary = run_local_workers(train_worker, nproc, config.to_dict(), resume, timeout_s=600)[0]
+    return summary, out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """TP=1, PP=1, DP=1: the single-process run every layout must reproduce."""
+    summary, out = _run(tiny, "reference", 1)
+    return summary, out, run_local_workers(full_weights_worker, 1, [summary["checkpoint"]])[0][0]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(tiny, reference, layout):
+    ref_summary, _, ref_weights = reference
+    nproc, overrides = LAYOUTS[layout]
+    summary, _ = _run(tiny, layout, nproc, *overrides)
+    assert len(summary["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(summary["losses"]), torch.tensor(ref_summary["losses"]), rtol=1e-5, atol=1e-6)
+    weights = run_local_workers(full_weights_worker, 1, [summary["checkpoint"]])[0][0]
+    initial = run_local_workers(full_weights_worker, 1, [str(tiny[1])])[0][0]
+    assert weights.keys() == ref_weights.keys()
+    for key in ref_weights:
+        moved = (ref_weights[key] - initial[key]).abs().max()
+        assert moved > 0 or "embedding" in key, f"{key} was not updated by the reference run"
+        torch.testing.assert_close(weights[key], ref_weights[key], rtol=0, atol=2e-6, msg=lambda m: f"{layout} {key}: {m}")
+
+
+def test_percentile_objective_is_over_the_global_batch(tiny):
+    """Top-50% by p over the global batch: 4 micro-batches on one rank == 2 micro-batches on each of 2 DP ranks
+    (the cutoff comes from a forward pass over the whole step, not per micro-batch)."""
+    one, _ = _run(tiny, "pct_dp1", 1, "objective.name=neg_p_top:50")
+    two, _ = _run(tiny, "pct_dp2", 2, "objective.name=neg_p_top:50")
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    w1, w2 = run_local_workers(full_weights_worker, 1, [one["checkpoint"], two["checkpoint"]])[0]
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=2e-6)
+
+
+def test_resume_is_bit_exact_and_training_reduces_loss(tiny):
+    common = ["train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "optim.lr=3e-3",
+              "optim.schedule=cosine", "optim.warmup_steps=1", "train.epochs=3", "objective.name=nll"]
+    full, full_out = _run(tiny, "uninterrupted", 2, *common)
+    assert full["last_loss"] < 0.8 * full["first_loss"], full["losses"]
+    kept = sorted(p.name for p in (full_out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_0000004", "step_0000006"]
+    assert (full_out / "checkpoints" / "latest").read_text().strip() == "step_0000006"
+
+    first, _ = _run(tiny, "interrupted", 2, *common[1:], "train.max_steps=3")
+    second, out = _run(tiny, "interrupted", 2, *common, resume=True)
+    assert first["losses"] == full["losses"][:3]
+    assert second["losses"] == full["losses"][3:], "a resumed run must reproduce the uninterrupted losses exactly"
+    a, b = run_local_workers(full_weights_worker, 1, [full["checkpoint"], second["checkpoint"]])[0]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_existing_run_needs_resume(tiny):
+    root, ckpt, data = tiny
+    _run(tiny, "twice", 1, "train.max_steps=1")
+    with pytest.raises(RuntimeError, match="pass --resume"):
+        _run(tiny, "twice", 1, "train.max_steps=1")
+
+
+def test_packing_gives_the_same_per_token_loss_as_unpacked_rows_and_hf(tiny):
+    """Block-diagonal attention: a packed example sees only itself. Per-token NLL at TP=2 equals unpacked rows
+    and the HF model's own cross-entropy on response tokens (prompts carry no loss)."""
+    from transformers import AutoModelForCausalLM
+
+    root, ckpt, data = tiny
+    packed = run_local_workers(per_token_loss_worker, 2, str(ckpt), str(data), True, 2)[0]
+    unpacked = run_local_workers(per_token_loss_worker, 2, str(ckpt), str(data), False, 2)[0]
+    assert packed.keys() == unpacked.keys() and len(packed) == 48
+    hf = AutoModelForCausalLM.from_pretrained(str(root / "hf"), dtype=torch.float32).eval()
+    from transformers import AutoTokenizer
+
+    from megatron_sft.data.formatting import FormatConfig, Formatter
+    from megatron_sft.data.sources import read_rows
+
+    formatter = Formatter(AutoTokenizer.from_pretrained(str(root / "hf")), FormatConfig(max_length=48))
+    for row in read_rows(data):
+        example = formatter(row)
+        p, u = packed[row.where], unpacked[row.where]
+        torch.testing.assert_close(p["loss"], u["loss"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(p["trained"], u["trained"])
+        ids = torch.tensor([example.input_ids])
+        with torch.no_grad():
+            logp = hf(ids).logits.log_softmax(-1)[0, :-1]
+        target = ids[0, 1:]
+        nll = -logp.gather(1, target[:, None]).squeeze(1)
+        response = torch.tensor(example.target_mask[1:], dtype=torch.bool)
+        assert torch.equal(u["trained"][:-1], response), "loss must be on response tokens only"
+        assert not bool(u["trained"][-1])
+        torch.testing.assert_close(u["loss"][:-1][response], nll[response], rtol=1e-4, atol=1e-5)
+        assert bool((u["loss"][:-1][~response] == 0).all())
+
+
+def _train_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_sft", "train", *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def test_bad_row_names_file_and_row(tiny, tmp_path):
+    root, ckpt, _ = tiny
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a ?", "response": "b"}) + "\n" + json.dumps({"prompt": "a ?"}) + "\n")
+    args = [f"output_dir={tmp_path / 'out'}", f"model.checkpoint={ckpt}", f"data.train={bad}", "log.progress_bar=false"]
+    completed = _train_cli(args)
+    assert completed.returncode == 2
+    assert f"{bad}:2" in completed.stdout and "data.on_bad_row=skip" in completed.stdout
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from megatron_sft.train.config import ConfigError, load_config
+
+    base = [f"output_dir={tmp_path}", "model.checkpoint=x", "data.train=y.jsonl"]
+    with pytest.raises(ConfigError, match="unknown key optim.learning_rate"):
+        load_config(None, base + ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size: expected an integer"):
+        load_config(None, base + ["train.micro_batch_size=1.5"])
+    with pytest.raises(ConfigError, match="objective.reduction"):
+        load_config(None, base + ["objective.reduction=sum"])
+    with pytest.raises(ValueError, match="Valid objective specs"):
+        load_config(None, base + ["objective.name=bogus"])
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("optim:\n  lr: 2.0e-5\n  betas: [0.9, 0.99]\ndata:\n  train: [a.jsonl, b.jsonl]\n")
+    config = load_config(config_file, base[:2] + ["optim.lr=3e-5"])
+    assert config.optim.lr == 3e-5 and config.optim.betas == (0.9, 0.99) and config.data.train == ["a.jsonl", "b.jsonl"]
+    # recipe defaults
+    d = load_config(None, base)
+    assert (d.optim.lr, d.optim.betas, d.optim.weight_decay, d.optim.warmup_ratio, d.optim.schedule, d.optim.clip_grad,
+            d.train.global_batch_size, d.train.epochs) == (5e-5, (0.9, 0.95), 0.01, 0.1, "cosine", 1.0, 256, 3)
+
+
+def test_sigusr1_saves_and_exits_then_resumes(tiny, tmp_path):
+    """Slurm preemption: the signal is honoured at the end of the current step, with a checkpoint."""
+    root, ckpt, data = tiny
+    out = tmp_path / "preempted"
+    args = [f"output_dir={out}", f"model.checkpoint={ckpt}", f"data.train={data}", "data.max_length=32",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "train.epochs=50", "train.max_steps=300",
+            "log.progress_bar=false", "log.tensorboard=false", "checkpoint.export_hf=false"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_sft", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output
+    assert "received signal" in output
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert 2 <= step < 300
+    resumed = _train_cli(args + ["train.max_steps=" + str(step + 1), "--resume"], env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {latest}" in resumed.stdout
+    assert f"step {step + 1}/{step + 1}" in resumed.stdout
