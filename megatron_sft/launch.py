@@ -9,7 +9,9 @@ the parent with the worker's traceback.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -50,6 +52,22 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
             dist.destroy_process_group()
 
 
+def _forward_signals(pids: list[int]) -> Callable[[], None]:
+    """Pass SIGTERM / SIGUSR1 on to the workers (they checkpoint and exit, as under Slurm); returns an undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def forward(signum, _frame):
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+
 def run_local_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` processes; returns the per-rank results in rank order."""
     threads = max(1, (os.cpu_count() or 1) // world_size)
@@ -62,6 +80,7 @@ def run_local_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeo
             start_method="spawn",
         )
         errors: list[str] = []
+        restore = _forward_signals([proc.pid for proc in ctx.processes])
         try:
             deadline = time.monotonic() + timeout_s
             while not ctx.join(timeout=1.0):
@@ -72,6 +91,7 @@ def run_local_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeo
         except mp.ProcessExitedException as exc:
             errors.append(str(exc))
         finally:
+            restore()
             for proc in ctx.processes:
                 if proc.is_alive():
                     proc.kill()

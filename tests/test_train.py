@@ -14,7 +14,7 @@ import torch
 
 from megatron_sft.launch import run_local_workers
 from megatron_sft.testing.train_check import (
-    full_weights_worker, make_tiny_run_inputs, per_token_loss_worker, tiny_config, train_worker,
+    checkpoint_tensors, make_tiny_run_inputs, per_token_loss_worker, tiny_config, train_worker,
 )
 
 LAYOUTS = {
@@ -47,7 +47,7 @@ def _run(tiny, name: str, nproc: int, *overrides: str, resume: bool = False) -> 
 def reference(tiny):
     """TP=1, PP=1, DP=1: the single-process run every layout must reproduce."""
     summary, out = _run(tiny, "reference", 1)
-    return summary, out, run_local_workers(full_weights_worker, 1, [summary["checkpoint"]])[0][0]
+    return summary, out, checkpoint_tensors(summary["checkpoint"])
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -57,12 +57,12 @@ def test_layout_matches_single_process(tiny, reference, layout):
     summary, _ = _run(tiny, layout, nproc, *overrides)
     assert len(summary["losses"]) == 2
     torch.testing.assert_close(torch.tensor(summary["losses"]), torch.tensor(ref_summary["losses"]), rtol=1e-5, atol=1e-6)
-    weights = run_local_workers(full_weights_worker, 1, [summary["checkpoint"]])[0][0]
-    initial = run_local_workers(full_weights_worker, 1, [str(tiny[1])])[0][0]
+    weights = checkpoint_tensors(summary["checkpoint"])
+    initial = checkpoint_tensors(tiny[1])
     assert weights.keys() == ref_weights.keys()
     for key in ref_weights:
         moved = (ref_weights[key] - initial[key]).abs().max()
-        assert moved > 0 or "embedding" in key, f"{key} was not updated by the reference run"
+        assert moved > 0, f"{key} was not updated by the reference run"
         torch.testing.assert_close(weights[key], ref_weights[key], rtol=0, atol=2e-6, msg=lambda m: f"{layout} {key}: {m}")
 
 
@@ -72,7 +72,7 @@ def test_percentile_objective_is_over_the_global_batch(tiny):
     one, _ = _run(tiny, "pct_dp1", 1, "objective.name=neg_p_top:50")
     two, _ = _run(tiny, "pct_dp2", 2, "objective.name=neg_p_top:50")
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
-    w1, w2 = run_local_workers(full_weights_worker, 1, [one["checkpoint"], two["checkpoint"]])[0]
+    w1, w2 = checkpoint_tensors(one["checkpoint"]), checkpoint_tensors(two["checkpoint"])
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=2e-6)
 
@@ -81,7 +81,7 @@ def test_resume_is_bit_exact_and_training_reduces_loss(tiny):
     common = ["train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "optim.lr=3e-3",
               "optim.schedule=cosine", "optim.warmup_steps=1", "train.epochs=3", "objective.name=nll"]
     full, full_out = _run(tiny, "uninterrupted", 2, *common)
-    assert full["last_loss"] < 0.8 * full["first_loss"], full["losses"]
+    assert full["last_loss"] < 0.9 * full["first_loss"], full["losses"]
     kept = sorted(p.name for p in (full_out / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert kept == ["step_0000004", "step_0000006"]
     assert (full_out / "checkpoints" / "latest").read_text().strip() == "step_0000006"
@@ -90,7 +90,7 @@ def test_resume_is_bit_exact_and_training_reduces_loss(tiny):
     second, out = _run(tiny, "interrupted", 2, *common, resume=True)
     assert first["losses"] == full["losses"][:3]
     assert second["losses"] == full["losses"][3:], "a resumed run must reproduce the uninterrupted losses exactly"
-    a, b = run_local_workers(full_weights_worker, 1, [full["checkpoint"], second["checkpoint"]])[0]
+    a, b = checkpoint_tensors(full["checkpoint"]), checkpoint_tensors(second["checkpoint"])
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -173,14 +173,15 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_sigusr1_saves_and_exits_then_resumes(tiny, tmp_path):
-    """Slurm preemption: the signal is honoured at the end of the current step, with a checkpoint."""
+    """Slurm preemption: the signal (forwarded by --nproc to both TP ranks) is honoured at the end of the
+    current step on every rank, with a checkpoint, and the run resumes from it."""
     root, ckpt, data = tiny
     out = tmp_path / "preempted"
     args = [f"output_dir={out}", f"model.checkpoint={ckpt}", f"data.train={data}", "data.max_length=32",
             "train.global_batch_size=8", "train.micro_batch_size=2", "train.epochs=50", "train.max_steps=300",
-            "log.progress_bar=false", "log.tensorboard=false", "checkpoint.export_hf=false"]
+            "log.progress_bar=false", "log.tensorboard=false", "checkpoint.export_hf=false", "parallel.tensor=2"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_sft", "train", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_sft", "train", *args, "--nproc", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     for line in proc.stdout:
@@ -195,7 +196,7 @@ def test_sigusr1_saves_and_exits_then_resumes(tiny, tmp_path):
     latest = (out / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("_")[1])
     assert 2 <= step < 300
-    resumed = _train_cli(args + ["train.max_steps=" + str(step + 1), "--resume"], env=env)
+    resumed = _train_cli(args + ["train.max_steps=" + str(step + 1), "--resume", "--nproc", "2"], env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {latest}" in resumed.stdout
     assert f"step {step + 1}/{step + 1}" in resumed.stdout

@@ -56,9 +56,10 @@ def full_weights_worker(checkpoints: list[str]) -> list[dict[str, torch.Tensor]]
     return states
 
 
-def per_token_loss_worker(ckpt: str, data: str, packing: bool, tensor_parallel: int, max_length: int = 48) -> dict[str, Any]:
+def per_token_loss_worker(ckpt: str, data: str, packing: bool, tensor_parallel: int, max_length: int = 48,
+                          use_thd: bool = False) -> dict[str, Any]:
     """Per-token f(p) (objective nll) of every example, keyed by its FILE:ROW, from our model's forward with
-    packed (block-diagonal attention) or unpacked rows at ``tensor_parallel``."""
+    packed (block-diagonal mask, or THD ``PackedSeqParams`` with ``use_thd``) or unpacked rows."""
     from transformers import AutoTokenizer
 
     from megatron_sft.loss import vocab_parallel_objective_loss
@@ -71,23 +72,43 @@ def per_token_loss_worker(ckpt: str, data: str, packing: bool, tensor_parallel: 
     init_model_parallel(tensor_parallel, 1)
     model, args = load_model(ckpt)
     model.eval()
+    device = next(model.parameters()).device
     tokenizer = AutoTokenizer.from_pretrained(str(Path(ckpt) / TOKENIZER_DIR))
     rows = load_rows([data], DataConfig(max_length=max_length, packing=packing), tokenizer).rows
     shape = BatchShape(micro_batch_size=4, pad_id=tokenizer.pad_token_id, pad_to_multiple=tensor_parallel, fixed_length=None)
     result: dict[str, Any] = {}
     for start in range(0, len(rows), 4):
         chunk = rows[start : start + 4]
-        batch = shape.collate(chunk)
-        batch, mask, packed = attention_inputs(batch, use_thd=False)
+        batch = {k: v.to(device) for k, v in shape.collate(chunk).items()}
+        rows_shape = batch["tokens"].shape
+        flat, mask, packed = attention_inputs(batch, use_thd=use_thd)
         with torch.no_grad():
-            logits = model(batch["tokens"], batch["position_ids"], mask)
-            out = vocab_parallel_objective_loss(logits, batch["labels"], "nll", batch["loss_mask"], vocab_size=args.vocab_size)
+            logits = model(flat["tokens"], flat["position_ids"], mask, packed_seq_params=packed)
+            out = vocab_parallel_objective_loss(logits, flat["labels"], "nll", flat["loss_mask"], vocab_size=args.vocab_size)
+        token_loss, trained = out.per_token_loss.reshape(rows_shape).float().cpu(), out.valid.reshape(rows_shape).cpu()
+        batch = {k: v.cpu() for k, v in batch.items()}
         for b, row in enumerate(chunk):
             for seq, where in enumerate(row.sources):
                 positions = (batch["sequence_ids"][b] == seq).nonzero().squeeze(1)
                 result[where] = {
-                    "loss": out.per_token_loss[b, positions].clone(),
-                    "trained": out.valid[b, positions].clone(),
+                    "loss": token_loss[b, positions].clone(),
+                    "trained": trained[b, positions].clone(),
                     "labels": batch["labels"][b, positions].clone(),
                 }
     return result
+
+
+def checkpoint_tensors(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every full (unsharded) tensor of a checkpoint's model/, read with torch.distributed.checkpoint alone.
+
+    Keys are megatron-core's global sharded keys (layers stacked on a leading dimension), so checkpoints
+    saved at different TP/PP layouts compare directly, in this process, without building a model.
+    """
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(Path(ckpt_dir) / "model"), f"{tmp}/state.pt")
+        state = torch.load(f"{tmp}/state.pt", weights_only=False)
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}

@@ -13,6 +13,7 @@ newest ``keep_last`` are kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -142,6 +143,63 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Optional[Path]:
     return path
 
 
+@contextlib.contextmanager
+def _torch_adam_step_compat():
+    """megatron-core 0.16 loading a ``fully_reshardable`` distributed-optimizer state into torch's Adam
+    (no Apex/TE FusedAdam) fails: it copies every per-parameter state key from the checkpoint, but the
+    checkpoint leaves out torch Adam's ``step`` (restored separately, from the param groups). While loading,
+    the step already set is passed through unchanged."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def with_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state.get(self.optimizer.param_groups[group_index]["params"][group_order], {})
+        if "step" in state and "step" not in tensors:
+            tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = with_step
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core restores torch Adam's per-parameter ``step`` as ONE tensor shared by every parameter;
+    torch increments each parameter's step in place, so the shared one would advance once per parameter
+    per step and skew Adam's bias correction. Give every parameter its own copy."""
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in wrapper.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh torch Adam its (lazily created) state, so megatron-core can load into it.
+
+    megatron-core's optimizers read the Adam step from existing state before loading; without Apex/TE a new
+    optimizer has none. One step with zero gradients, lr 0 and weight decay 0 creates it without changing a
+    weight (the loaded values then replace it).
+    """
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = wrapper.optimizer
+        if inner.state:
+            continue
+        saved = [(group["lr"], group.get("weight_decay", 0.0)) for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        for group, (lr, decay) in zip(inner.param_groups, saved):
+            group["lr"], group["weight_decay"] = lr, decay
+            for param in group["params"]:
+                param.grad = None
+
+
 def load_training_checkpoint(model: TrainingModel, path: str | Path) -> dict[str, Any]:
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
     from megatron.core import dist_checkpointing
@@ -152,11 +210,15 @@ def load_training_checkpoint(model: TrainingModel, path: str | Path) -> dict[str
     state = json.loads((path / STATE_FILE).read_text())
     if not state.get("has_optimizer", False):
         raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer=false); it cannot be resumed")
+    _materialize_optimizer_state(model.optimizer)
     load_chunk_weights(model.modules, path / MODEL_DIR)
     optim_sd = model.optimizer.sharded_state_dict(
         chunks_sharded_state_dict(model.modules), is_loading=True, metadata=OPTIMIZER_METADATA
     )
-    model.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(path / OPTIMIZER_DIR)))
+    loaded = dist_checkpointing.load(optim_sd, str(path / OPTIMIZER_DIR))
+    with _torch_adam_step_compat():
+        model.optimizer.load_state_dict(loaded)
+    _unshare_adam_steps(model.optimizer)
     model.scheduler.load_state_dict(state["scheduler"])
     rng_file = path / RNG_DIR / f"rank{_rank()}.pt"
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -260,17 +260,72 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.max_steps must be >= 1 or null, got {t.max_steps}")
 
 
+FIELD_HELP = {
+    "output_dir": "(required) run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, hf/",
+    "model.checkpoint": "(required) megatron-sft checkpoint to start from (`convert hf-to-mcore`, or a training checkpoint)",
+    "model.recompute": "activation recomputation: none | selective (attention core) | full (whole layers)",
+    "parallel.tensor": "tensor-parallel size (divides attention heads and KV heads)",
+    "parallel.pipeline": "pipeline-parallel size (divides the layers)",
+    "parallel.virtual_pipeline": "model chunks per pipeline rank for interleaved 1F1B (null: off)",
+    "parallel.sequence_parallel": "split norms/dropout activations over the sequence across TP ranks",
+    "parallel.distributed_optimizer": "shard Adam state over data-parallel ranks (ZeRO-1)",
+    "data.train": "training files: .jsonl / .parquet, directories of them, or saved HF datasets",
+    "data.eval": "held-out files; loss and mean p logged every train.eval_every_steps",
+    "data.prompt_key": "prompt column (dotted path into nested fields, e.g. extra_info.question)",
+    "data.response_key": "response column (e.g. extra_info.answer)",
+    "data.messages_key": "chat column: a list of {role, content}; every assistant turn is trained on",
+    "data.template": "chat: the tokenizer's chat template | plain: data.plain_template",
+    "data.plain_template": "prompt format for template=plain, with {prompt}",
+    "data.max_length": "tokens per sequence (and per packed row)",
+    "data.truncation": "rows over max_length: truncate | drop (skip, counted) | error",
+    "data.on_bad_row": "a malformed row: error (names FILE:ROW) | skip (counted in the log)",
+    "data.add_eos": "append the tokenizer's eos token to every response",
+    "data.packing": "pack several sequences per row (attention stays within each sequence)",
+    "data.seed": "seed of the data order (epoch e uses seed + e)",
+    "objective.name": "f(p) spec: nll, neg_p (= p), family:<a>, <base>_above:<q>, <base>_top:<k>, ... (megatron-sft objectives)",
+    "objective.reduction": "token_mean over the global batch | sequence_mean (each sequence's mean, averaged)",
+    "objective.denominator": "selected: count only tokens a threshold/percentile keeps | valid: all response tokens",
+    "objective.normalization": "global: divide by the global batch's count | micro_batch: per micro-batch mean (reference trainer)",
+    "train.global_batch_size": "rows per optimizer step (packed rows when data.packing)",
+    "train.micro_batch_size": "rows per forward/backward on one rank; the rest is gradient accumulation",
+    "train.epochs": "passes over the data; the LR schedule spans them all",
+    "train.max_steps": "stop after this many steps (null: run all epochs)",
+    "train.seed": "model-parallel RNG seed",
+    "train.on_nonfinite": "a NaN/inf loss or gradient: halt (with a message) | skip the step",
+    "train.eval_every_steps": "evaluate data.eval every N steps (0: never)",
+    "optim.lr": "peak learning rate (AdamW)",
+    "optim.min_lr": "learning rate at the end of the decay",
+    "optim.betas": "Adam betas",
+    "optim.eps": "Adam epsilon",
+    "optim.weight_decay": "decoupled weight decay",
+    "optim.clip_grad": "clip the global gradient norm to this (0: off)",
+    "optim.schedule": "decay after warmup: cosine | linear | constant",
+    "optim.warmup_ratio": "fraction of all steps spent warming up linearly from 0",
+    "optim.warmup_steps": "warmup steps (overrides warmup_ratio)",
+    "checkpoint.every_steps": "save every N steps (0: only at the end and on SIGTERM/SIGUSR1)",
+    "checkpoint.keep_last": "checkpoints kept; older ones are deleted",
+    "checkpoint.save_optimizer": "include the optimizer state (needed for --resume)",
+    "checkpoint.export_hf": "write OUTPUT/hf (safetensors) from the final checkpoint",
+    "log.every_steps": "print the step line every N steps",
+    "log.tensorboard": "write OUTPUT/tensorboard",
+    "log.wandb": "log to Weights & Biases (pip install 'megatron-sft[wandb]')",
+    "log.wandb_project": "W&B project",
+    "log.wandb_run_name": "W&B run name",
+    "log.progress_bar": "tqdm progress bar on rank 0",
+}
+
+
 def describe_fields() -> str:
-    """Every key with its default, for ``megatron-sft train --help``."""
-    lines = []
+    """Every key with its default and meaning, for ``megatron-sft train --help``."""
+    lines = [f"  output_dir  {FIELD_HELP['output_dir']}"]
     defaults = Config()
     for section in dataclasses.fields(Config):
         if section.name == "output_dir":
-            lines.append("  output_dir: (required) where checkpoints, logs and the HF export go")
             continue
         for f in dataclasses.fields(getattr(defaults, section.name)):
+            key = f"{section.name}.{f.name}"
             value = getattr(getattr(defaults, section.name), f.name)
-            lines.append(f"  {section.name}.{f.name} = {value!r}")
+            lines.append(f"  {key} = {value!r}\n      {FIELD_HELP[key]}")
     return "\n".join(lines)
 
 

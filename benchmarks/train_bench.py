@@ -1,0 +1,123 @@
+"""Training throughput: megatron-sft's trainer vs. a plain transformers training step, same model and objective.
+
+Both train a random Qwen2-shaped model on the same generated rows with the -p objective (response tokens
+only), AdamW, the same micro-batch and global batch. Reported: non-padding tokens per second (median over
+the timed steps, after warm-up steps) and their ratio, measured side by side in one run.
+
+    python benchmarks/train_bench.py                 # CPU: tiny model, 1 process (and TP=2 on 2 processes)
+    python benchmarks/train_bench.py --hidden 512    # bigger model
+
+On a GPU (when one is present) it also runs a Qwen2.5-0.5B-shaped model (random weights) in bf16 with
+our trainer and prints its MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def reference_tokens_per_s(hf_dir: Path, rows_file: Path, max_length: int, micro: int, global_batch: int,
+                           steps: int, warmup: int, lr: float) -> float:
+    """The plain transformers loop: HF forward, log_softmax + gather for p, loss = mean(1 - p), AdamW."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_sft.data.formatting import FormatConfig, Formatter
+    from megatron_sft.data.sources import read_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).train()
+    formatter = Formatter(tokenizer, FormatConfig(max_length=max_length))
+    examples = [formatter(row) for row in read_rows(rows_file)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    timings = []
+    cursor = 0
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        tokens = 0
+        batch_rows = [examples[(cursor + i) % len(examples)] for i in range(global_batch)]
+        cursor += global_batch
+        counts = sum(sum(e.target_mask[1:]) for e in batch_rows)
+        for start in range(0, global_batch, micro):
+            chunk = batch_rows[start : start + micro]
+            width = max(len(e) for e in chunk)
+            ids = torch.tensor([e.input_ids + [tokenizer.pad_token_id] * (width - len(e)) for e in chunk], device=device)
+            mask = torch.tensor([e.target_mask + [0] * (width - len(e)) for e in chunk], device=device)
+            attention = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk], device=device)
+            tokens += int(attention.sum())
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+            logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            trained = mask[:, 1:].bool()
+            loss = ((1 - logp.exp()) * trained).sum() / counts
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if step >= warmup:
+            timings.append(tokens / (time.perf_counter() - started))
+    return statistics.median(timings)
+
+
+def ours_tokens_per_s(out: Path, nproc: int, overrides: list[str], warmup: int) -> tuple[float, float | None]:
+    from megatron_sft.commands.train import launch
+    from megatron_sft.train.config import load_config
+
+    launch(load_config(None, [f"output_dir={out}", *overrides]), nproc=nproc)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][warmup:]
+    mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
+    return statistics.median(r["tokens_per_s"] for r in records), (statistics.median(mfu) if mfu else None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    args = parser.parse_args()
+
+    from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
+    from megatron_sft.demo import shift_task_rows, write_jsonl
+    from megatron_sft.launch import run_local_workers
+    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+
+    micro, global_batch, max_length, lr = 8, 32, 64, 1e-4
+    with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
+        root = Path(tmp)
+        save_tiny_hf_model(root / "hf", "qwen2-tied-gqa", layers=args.layers, hidden=args.hidden, seed=0)
+        run_local_workers(convert_hf_to_mcore, 1, root / "hf", root / "ckpt", timeout_s=600)
+        rows = write_jsonl(root / "rows.jsonl", shift_task_rows(args.rows, seed=0))
+        total = args.warmup + args.steps
+        common = [f"model.checkpoint={root / 'ckpt'}", f"data.train={rows}", f"data.max_length={max_length}",
+                  f"train.global_batch_size={global_batch}", f"train.micro_batch_size={micro}", "train.epochs=100",
+                  f"train.max_steps={total}", f"optim.lr={lr}", "objective.name=neg_p", "checkpoint.export_hf=false",
+                  "checkpoint.save_optimizer=false", "log.progress_bar=false", "log.tensorboard=false", "log.every_steps=1000"]
+        reference = reference_tokens_per_s(root / "hf", rows, max_length, micro, global_batch, args.steps, args.warmup, lr)
+        results = {"transformers loop (1 process)": (reference, None)}
+        results["megatron-sft TP=1, packing off"] = ours_tokens_per_s(root / "tp1", 1, common + ["data.packing=false"], args.warmup)
+        results["megatron-sft TP=1, packing on"] = ours_tokens_per_s(root / "tp1p", 1, common, args.warmup)
+        if not torch.cuda.is_available() or torch.cuda.device_count() >= 2:
+            results["megatron-sft TP=2 (2 processes), packing on"] = ours_tokens_per_s(
+                root / "tp2", 2, common + ["parallel.tensor=2", "parallel.sequence_parallel=true"], args.warmup)
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"model: Qwen2-shaped, {args.layers} layers, hidden {args.hidden}, vocab 250; objective -p; "
+          f"global batch {global_batch} rows, micro batch {micro}, max length {max_length}; {device}")
+    print(f"{'trainer':46} {'tokens/s':>10} {'ratio vs transformers':>22}")
+    for name, (tps, mfu) in results.items():
+        print(f"{name:46} {tps:10.0f} {tps / reference:22.2f}" + (f"   MFU {mfu:.1%}" if mfu else ""))
+
+
+if __name__ == "__main__":
+    main()
