@@ -50,10 +50,9 @@ def thd_packed_seq_params(sequence_ids: torch.Tensor):
 def attention_inputs(batch: dict[str, torch.Tensor], use_thd: bool) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor], object]:
     """(batch, attention_mask, packed_seq_params) for one micro-batch; THD flattens the batch to one row."""
     sequence_ids = batch["sequence_ids"]
-    if not is_packed(sequence_ids):
-        return batch, None, None
     if not use_thd:
-        return batch, block_causal_mask(sequence_ids), None
+        return batch, (block_causal_mask(sequence_ids) if is_packed(sequence_ids) else None), None
+    # THD always (packed or not), so every micro-batch reaches the pipeline schedule as one [b*s] row
     params = thd_packed_seq_params(sequence_ids)
     flat = {key: value.reshape(1, -1) for key, value in batch.items()}
     return flat, None, params

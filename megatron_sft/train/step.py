@@ -93,14 +93,16 @@ class StepRunner:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         iterators = [iter(micro_batches) for _ in self.model.chunks]
-        first = micro_batches[0]["tokens"]
+        rows, length = micro_batches[0]["tokens"].shape
+        if self.use_thd:  # attention_inputs flattens each micro-batch to one row
+            rows, length = 1, rows * length
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model.chunks,
             num_microbatches=len(micro_batches),
-            seq_length=first.size(1),
-            micro_batch_size=first.size(0),
+            seq_length=length,
+            micro_batch_size=rows,
             forward_only=forward_only,
         )
 
