@@ -71,6 +71,24 @@ def exact_match_accuracy(model_dir: str | Path, rows: list[dict[str, str]], batc
     return correct / len(rows)
 
 
+def token_accuracy_and_mean_p(model_dir: str | Path, rows: list[dict[str, str]]) -> tuple[float, float]:
+    """Teacher-forced: the fraction of response tokens (and eos) that are the argmax, and their mean p."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hits, probabilities = [], []
+    for row in rows:
+        prompt = _prompt_ids(tokenizer, row["prompt"])
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        target = torch.tensor(response)
+        hits += (logp.argmax(-1) == target).tolist()
+        probabilities += logp.gather(1, target[:, None]).exp().squeeze(1).tolist()
+    return sum(hits) / len(hits), sum(probabilities) / len(probabilities)
+
+
 def pretrain_base_model(model_dir: Path, rows: list[dict[str, str]], steps: int, lr: float = 3e-3, seed: int = 0) -> None:
     """Plain PyTorch NLL on ``rows`` for ``steps`` steps, saved in place: the demo's imperfect base model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,8 +118,10 @@ def pretrain_base_model(model_dir: Path, rows: list[dict[str, str]], steps: int,
 
 @dataclass
 class DemoResult:
-    base_accuracy: float
+    base_accuracy: float  # exact match, greedy decoding
     tuned_accuracy: float
+    base_token_accuracy: float
+    tuned_token_accuracy: float
     base_mean_p: float
     first_loss: float
     last_loss: float
@@ -138,7 +158,9 @@ def run_demo(out: str | Path, nproc: int = 2, tensor_parallel: int = 2, objectiv
     save_tiny_hf_model(base, "qwen2-tied-gqa", layers=4, hidden=128, seed=0)
     pretrain_base_model(base, base_rows, base_steps)
     base_accuracy = exact_match_accuracy(base, held_out)
-    print(f"      base model held-out exact match: {base_accuracy:.1%}", flush=True)
+    base_tokens, base_p = token_accuracy_and_mean_p(base, held_out)
+    print(f"      base model on the held-out split: exact match {base_accuracy:.1%}, token accuracy {base_tokens:.1%}, "
+          f"mean p {base_p:.3f}", flush=True)
 
     print("[2/4] convert hf-to-mcore", flush=True)
     ckpt = convert_hf_to_mcore(base, out / "base_mcore", progress=False)
@@ -153,15 +175,19 @@ def run_demo(out: str | Path, nproc: int = 2, tensor_parallel: int = 2, objectiv
 
     print("[4/4] held-out exact match with transformers generate (greedy)", flush=True)
     tuned_accuracy = exact_match_accuracy(summary["export"], held_out)
+    tuned_tokens, tuned_p = token_accuracy_and_mean_p(summary["export"], held_out)
     result = DemoResult(
-        base_accuracy=base_accuracy, tuned_accuracy=tuned_accuracy, base_mean_p=summary["first_mean_p"],
+        base_accuracy=base_accuracy, tuned_accuracy=tuned_accuracy, base_token_accuracy=base_tokens,
+        tuned_token_accuracy=tuned_tokens, base_mean_p=summary["first_mean_p"],
         first_loss=summary["first_loss"], last_loss=summary["last_loss"], steps=summary["steps"],
         seconds=time.perf_counter() - started, output_dir=str(out),
     )
     print(f"mean token p of the base model on the training data: {result.base_mean_p:.3f} "
           f"({'capable: prior-leaning objectives like -p are expected to help' if result.base_mean_p >= 0.5 else 'weak: NLL is expected to do better'})")
-    print(f"held-out exact match: base {base_accuracy:.1%} -> after SFT with {objective} {tuned_accuracy:.1%} "
-          f"({result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}, {result.seconds:.0f}s in all)")
+    print(f"held-out, base -> after SFT with {objective}: exact match {base_accuracy:.1%} -> {tuned_accuracy:.1%}, "
+          f"token accuracy {base_tokens:.1%} -> {tuned_tokens:.1%}, mean p {base_p:.3f} -> {tuned_p:.3f}")
+    print(f"training: {result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}; "
+          f"{result.seconds:.0f}s in all")
     print(f"exported HF model: {summary['export']}; logs: {out / 'run'} (tensorboard --logdir {out / 'run' / 'tensorboard'})")
     return result
 
@@ -187,7 +213,7 @@ train:
   epochs: {epochs}
   eval_every_steps: 10
 optim:
-  lr: 1.0e-3
+  lr: 3.0e-3
   warmup_ratio: 0.05
 checkpoint:
   every_steps: 20

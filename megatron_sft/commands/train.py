@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, ObjectiveSpecError, FileNotFoundError) as err:
         print(f"megatron-sft train: error: {err}")
         return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun every rank returns the summary
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     return 0
 
 
