@@ -32,5 +32,21 @@ def test_every_module_imports_without_gpu_extras():
 def test_cli_help_lists_commands():
     result = subprocess.run([sys.executable, "-m", "megatron_sft", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0
-    for command in ("convert", "objectives", "selftest"):
+    for command in ("train", "convert", "demo", "objectives", "selftest"):
         assert command in result.stdout
+
+
+def test_train_help_explains_every_config_key():
+    """`megatron-sft train --help` lists every key of every config section with its meaning."""
+    import dataclasses
+
+    from megatron_sft.train.config import Config
+
+    result = subprocess.run([sys.executable, "-m", "megatron_sft", "train", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0
+    for section in dataclasses.fields(Config):
+        if section.name == "output_dir":
+            continue
+        for key in dataclasses.fields(section.default_factory()):
+            assert f"{section.name}.{key.name} = " in result.stdout, f"{section.name}.{key.name} missing from --help"

@@ -63,7 +63,7 @@ def test_layout_matches_single_process(tiny, reference, layout):
     for key in ref_weights:
         moved = (ref_weights[key] - initial[key]).abs().max()
         assert moved > 0, f"{key} was not updated by the reference run"
-        torch.testing.assert_close(weights[key], ref_weights[key], rtol=0, atol=2e-6, msg=lambda m: f"{layout} {key}: {m}")
+        torch.testing.assert_close(weights[key], ref_weights[key], rtol=0, atol=2e-6, msg=lambda m, k=key: f"{layout} {k}: {m}")
 
 
 def test_percentile_objective_is_over_the_global_batch(tiny):
