@@ -14,7 +14,7 @@ import torch
 
 from megatron_sft.launch import run_local_workers
 from megatron_sft.testing.train_check import (
-    checkpoint_tensors, make_tiny_run_inputs, per_token_loss_worker, tiny_config, train_worker,
+    checkpoint_tensors, eval_metrics, make_tiny_run_inputs, per_token_loss_worker, tiny_config, train_worker,
 )
 
 LAYOUTS = {
@@ -52,11 +52,15 @@ def reference(tiny):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(tiny, reference, layout):
-    ref_summary, _, ref_weights = reference
+    ref_summary, ref_out, ref_weights = reference
     nproc, overrides = LAYOUTS[layout]
-    summary, _ = _run(tiny, layout, nproc, *overrides)
+    summary, out = _run(tiny, layout, nproc, *overrides)
     assert len(summary["losses"]) == 2
     torch.testing.assert_close(torch.tensor(summary["losses"]), torch.tensor(ref_summary["losses"]), rtol=1e-5, atol=1e-6)
+    # held-out evaluation after step 2: every eval row exactly once, whatever the layout
+    (evaluation,), (ref_evaluation,) = eval_metrics(out), eval_metrics(ref_out)
+    for key in ("eval/loss", "eval/mean_p"):
+        assert abs(evaluation[key] - ref_evaluation[key]) <= 1e-5 * abs(ref_evaluation[key]), (key, evaluation, ref_evaluation)
     weights = checkpoint_tensors(summary["checkpoint"])
     initial = checkpoint_tensors(tiny[1])
     assert weights.keys() == ref_weights.keys()

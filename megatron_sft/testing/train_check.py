@@ -30,8 +30,17 @@ def tiny_config(ckpt: Path, data: Path, out: Path, *overrides: str) -> Config:
         "train.global_batch_size=8", "train.micro_batch_size=2", "train.epochs=1", "train.max_steps=2",
         "optim.lr=1e-3", "optim.eps=1e-4", "optim.warmup_steps=0", "optim.schedule=constant",
         "checkpoint.export_hf=false", "log.progress_bar=false", "log.tensorboard=false", "objective.name=neg_p",
+        f"data.eval={data}", "train.eval_every_steps=2",
     ]
     return load_config(None, base + list(overrides))
+
+
+def eval_metrics(output_dir: str | Path) -> list[dict[str, float]]:
+    """The eval/* values logged in a run's metrics.jsonl, in step order."""
+    import json
+
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records if "eval/loss" in r]
 
 
 def train_worker(config_dict: dict, resume: bool = False) -> dict:

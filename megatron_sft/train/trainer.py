@@ -173,7 +173,8 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
             "skipped": result.skipped,
         }
         if eval_data is not None and t.eval_every_steps and (step % t.eval_every_steps == 0 or step == run_steps):
-            metrics.update({f"eval/{k}": v for k, v in evaluate_rows(runner, shape, eval_data, t.global_batch_size // dp, dp, dp_rank).items()})
+            evaluation = evaluate_rows(runner, shape, eval_data, dp, dp_rank, par.pipeline if par.virtual_pipeline else 1)
+            metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
         log.log_step(step, run_steps, epoch + (epoch_step + 1) / sampler.steps_per_epoch, metrics)
         stopped = stop.agreed()
         every = cfg.checkpoint.every_steps
@@ -198,13 +199,18 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
     )
 
 
-def evaluate_rows(runner: StepRunner, shape: BatchShape, data: TrainingRows, rows_per_rank: int, dp: int, dp_rank: int) -> dict:
-    """Held-out loss and mean p over all eval rows (each DP rank takes its share; batches padded by repeats)."""
+def evaluate_rows(runner: StepRunner, shape: BatchShape, data: TrainingRows, dp: int, dp_rank: int, multiple: int) -> dict:
+    """Held-out loss and mean p over every eval row exactly once: each DP rank takes a contiguous share,
+    filled up to whole micro-batches (``multiple`` of them, for interleaved PP) with loss-free copies."""
+    import dataclasses
+
     n = len(data.rows)
-    per_rank = -(-n // dp)
-    per_rank = round_up(per_rank, shape.micro_batch_size)
-    indices = [(dp_rank * per_rank + i) % n for i in range(per_rank)]
-    return runner.evaluate(shape.micro_batches([data.rows[i] for i in indices]))
+    per_rank = round_up(-(-n // dp), shape.micro_batch_size * multiple)
+    rows = []
+    for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank):
+        row = data.rows[i % n]
+        rows.append(row if i < n else dataclasses.replace(row, target_mask=[0] * len(row)))
+    return runner.evaluate(shape.micro_batches(rows))
 
 
 _RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
