@@ -204,3 +204,17 @@ def test_sigusr1_saves_and_exits_then_resumes(tiny, tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {latest}" in resumed.stdout
     assert f"step {step + 1}/{step + 1}" in resumed.stdout
+
+
+def test_non_finite_steps_halt_or_are_skipped(tiny, tmp_path):
+    """lr 1e30 without clipping breaks the weights at step 1; step 2's loss is NaN."""
+    _, ckpt, data = tiny
+    args = [f"model.checkpoint={ckpt}", f"data.train={data}", "data.max_length=32", "train.global_batch_size=8",
+            "train.micro_batch_size=2", "train.max_steps=3", "optim.lr=1e30", "optim.clip_grad=0",
+            "optim.warmup_steps=0", "log.progress_bar=false", "log.tensorboard=false", "checkpoint.export_hf=false"]
+    halted = _train_cli(args + [f"output_dir={tmp_path / 'halt'}"])
+    assert halted.returncode == 1, halted.stdout + halted.stderr
+    assert "halted: non-finite loss" in halted.stdout and "train.on_nonfinite=skip" in halted.stdout
+    skipped = _train_cli(args + [f"output_dir={tmp_path / 'skip'}", "train.on_nonfinite=skip"])
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    assert skipped.stdout.count("SKIPPED (non-finite)") == 2

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_sft.data.sources import DataError
     from megatron_sft.objectives import ObjectiveSpecError
     from megatron_sft.train.config import ConfigError, load_config
+    from megatron_sft.train.step import NonFiniteError
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
@@ -52,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, ObjectiveSpecError, FileNotFoundError) as err:
         print(f"megatron-sft train: error: {err}")
         return 2
+    except NonFiniteError as err:
+        print(f"megatron-sft train: halted: {err}")
+        return 1
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun every rank returns the summary

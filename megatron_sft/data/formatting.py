@@ -8,6 +8,7 @@ or a plain format string (``template="plain"``).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field as dc_field
 from typing import Any, Iterable, Literal
@@ -142,7 +143,7 @@ def tokenize_rows(
         except DataError as err:
             if on_bad_row == "error":
                 raise DataError(f"{err} (set data.on_bad_row=skip to skip and count such rows)") from None
-            reason = str(err).split(": ", 1)[-1].split(";")[0][:80]
+            reason = re.split(r";| \(at ", str(err).split(": ", 1)[-1])[0][:80]
             report.skipped[reason] += 1
             if len(report.first_skipped) < 5:
                 report.first_skipped.append(str(err))
