@@ -14,7 +14,7 @@ import torch
 
 from megatron_sft.launch import run_local_workers
 from megatron_sft.testing.train_check import (
-    checkpoint_tensors, eval_metrics, make_tiny_run_inputs, per_token_loss_worker, tiny_config, train_worker,
+    checkpoint_tensors, eval_metrics, logged, make_tiny_run_inputs, per_token_loss_worker, tiny_config, train_worker,
 )
 
 LAYOUTS = {
@@ -57,6 +57,8 @@ def test_layout_matches_single_process(tiny, reference, layout):
     summary, out = _run(tiny, layout, nproc, *overrides)
     assert len(summary["losses"]) == 2
     torch.testing.assert_close(torch.tensor(summary["losses"]), torch.tensor(ref_summary["losses"]), rtol=1e-5, atol=1e-6)
+    # the global grad norm (what clipping uses) counts every shard once
+    torch.testing.assert_close(torch.tensor(logged(out, "grad_norm")), torch.tensor(logged(ref_out, "grad_norm")), rtol=1e-5, atol=0)
     # held-out evaluation after step 2: every eval row exactly once, whatever the layout
     (evaluation,), (ref_evaluation,) = eval_metrics(out), eval_metrics(ref_out)
     for key in ("eval/loss", "eval/mean_p"):
@@ -81,22 +83,42 @@ def test_percentile_objective_is_over_the_global_batch(tiny):
         torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=2e-6)
 
 
-def test_resume_is_bit_exact_and_training_reduces_loss(tiny):
-    common = ["train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "optim.lr=3e-3",
+RESUME_RUN = ["train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "optim.lr=3e-3",
               "optim.schedule=cosine", "optim.warmup_steps=1", "train.epochs=3", "objective.name=nll"]
-    full, full_out = _run(tiny, "uninterrupted", 2, *common)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny):
+    """6 steps at DP=2 with checkpoints every 2 (grad norms > 1: clipping is active)."""
+    return _run(tiny, "uninterrupted", 2, *RESUME_RUN)
+
+
+def test_resume_is_bit_exact_and_training_reduces_loss(tiny, uninterrupted):
+    full, full_out = uninterrupted
     assert full["last_loss"] < 0.9 * full["first_loss"], full["losses"]
     kept = sorted(p.name for p in (full_out / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert kept == ["step_0000004", "step_0000006"]
     assert (full_out / "checkpoints" / "latest").read_text().strip() == "step_0000006"
 
-    first, _ = _run(tiny, "interrupted", 2, *common[1:], "train.max_steps=3")
-    second, out = _run(tiny, "interrupted", 2, *common, resume=True)
+    first, _ = _run(tiny, "interrupted", 2, *RESUME_RUN[1:], "train.max_steps=3")
+    second, out = _run(tiny, "interrupted", 2, *RESUME_RUN, resume=True)
     assert first["losses"] == full["losses"][:3]
     assert second["losses"] == full["losses"][3:], "a resumed run must reproduce the uninterrupted losses exactly"
     a, b = checkpoint_tensors(full["checkpoint"]), checkpoint_tensors(second["checkpoint"])
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_at_another_layout(tiny, uninterrupted):
+    """Saved at DP=2, resumed at TP=2 (model and distributed-optimizer state reshard): same run within fp32."""
+    full, full_out = uninterrupted
+    _run(tiny, "relayout", 2, *RESUME_RUN[1:], "train.max_steps=3")
+    second, out = _run(tiny, "relayout", 2, *RESUME_RUN, "parallel.tensor=2", resume=True)
+    torch.testing.assert_close(torch.tensor(second["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(logged(out, "grad_norm")), torch.tensor(logged(full_out, "grad_norm")), rtol=1e-4, atol=0)
+    a, b = checkpoint_tensors(full["checkpoint"]), checkpoint_tensors(second["checkpoint"])
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
 
 
 def test_existing_run_needs_resume(tiny):

@@ -35,6 +35,13 @@ def tiny_config(ckpt: Path, data: Path, out: Path, *overrides: str) -> Config:
     return load_config(None, base + list(overrides))
 
 
+def logged(output_dir: str | Path, key: str) -> list[float]:
+    """One metric per step from a run's metrics.jsonl (e.g. grad_norm)."""
+    import json
+
+    return [json.loads(line)[key] for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def eval_metrics(output_dir: str | Path) -> list[dict[str, float]]:
     """The eval/* values logged in a run's metrics.jsonl, in step order."""
     import json

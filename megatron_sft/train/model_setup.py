@@ -70,7 +70,10 @@ def build_training_model(cfg: Config, total_steps: int, load_weights: bool = Tru
         virtual_pipeline_parallel=par.virtual_pipeline,
         sequence_parallel=par.sequence_parallel,
         recompute_granularity=recompute,
-        perform_initialization=not load_weights,
+        # always: megatron-core tags tensor-parallel weights (tensor_model_parallel, partition_dim) only while
+        # initialising them; without the tags the grad norm counts sharded weights on TP rank 0 only and
+        # clipping goes wrong at TP > 1. The loaded weights replace the random ones.
+        perform_initialization=True,
     )
     tconfig.calculate_per_token_loss = cfg.objective.normalization == "global"
     vp = par.virtual_pipeline
