@@ -7,8 +7,8 @@ the timed steps, after warm-up steps) and their ratio, measured side by side in 
     python benchmarks/train_bench.py                 # CPU: tiny model, 1 process (and TP=2 on 2 processes)
     python benchmarks/train_bench.py --hidden 512    # bigger model
 
-On a GPU (when one is present) it also runs a Qwen2.5-0.5B-shaped model (random weights) in bf16 with
-our trainer and prints its MFU.
+On a GPU (when one is present) it also trains a Qwen2.5-0.5B-shaped model (random weights, bf16, packed
+rows of 2048 tokens) with our trainer and prints its tokens/s and MFU.
 """
 
 from __future__ import annotations
@@ -78,6 +78,28 @@ def ours_tokens_per_s(out: Path, nproc: int, overrides: list[str], warmup: int) 
     return statistics.median(r["tokens_per_s"] for r in records), (statistics.median(mfu) if mfu else None)
 
 
+QWEN25_05B_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def gpu_mfu(root: Path, steps: int, warmup: int) -> tuple[float, float | None]:
+    """Our trainer on a Qwen2.5-0.5B-shaped model: median tokens/s and MFU (GPU only)."""
+    from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
+    from megatron_sft.demo import shift_task_rows, write_jsonl
+    from megatron_sft.launch import run_local_workers
+    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+
+    save_tiny_hf_model(root / "hf05", "qwen2-tied-gqa", seed=0, dtype=torch.bfloat16, config_overrides=QWEN25_05B_SHAPE)
+    run_local_workers(convert_hf_to_mcore, 1, root / "hf05", root / "ckpt05", timeout_s=1200)
+    rows = write_jsonl(root / "rows05.jsonl", shift_task_rows(20000, seed=0))
+    overrides = [f"model.checkpoint={root / 'ckpt05'}", f"data.train={rows}", "data.max_length=2048",
+                 "train.global_batch_size=16", "train.micro_batch_size=4", "train.epochs=10",
+                 f"train.max_steps={warmup + steps}", "objective.name=neg_p", "checkpoint.export_hf=false",
+                 "checkpoint.save_optimizer=false", "log.progress_bar=false", "log.tensorboard=false",
+                 "log.every_steps=1000"]
+    return ours_tokens_per_s(root / "gpu05", 1, overrides, warmup)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -111,12 +133,18 @@ def main() -> None:
             results["megatron-sft TP=2 (2 processes), packing on"] = ours_tokens_per_s(
                 root / "tp2", 2, common + ["parallel.tensor=2", "parallel.sequence_parallel=true"], args.warmup)
 
+        gpu = gpu_mfu(root, args.steps, args.warmup) if torch.cuda.is_available() else None
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"model: Qwen2-shaped, {args.layers} layers, hidden {args.hidden}, vocab 250; objective -p; "
           f"global batch {global_batch} rows, micro batch {micro}, max length {max_length}; {device}")
     print(f"{'trainer':46} {'tokens/s':>10} {'ratio vs transformers':>22}")
     for name, (tps, mfu) in results.items():
         print(f"{name:46} {tps:10.0f} {tps / reference:22.2f}" + (f"   MFU {mfu:.1%}" if mfu else ""))
+    if gpu is not None:
+        tps, mfu = gpu
+        print(f"Qwen2.5-0.5B-shaped, bf16, packed rows of 2048, 1 GPU: {tps:.0f} tokens/s, MFU "
+              + (f"{mfu:.1%}" if mfu is not None else "n/a (unknown GPU peak)"))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,11 @@ def save_tiny_tokenizer(path: Path, vocab_words: int = 250) -> int:
 
 
 def save_tiny_hf_model(path: str | Path, variant: str = "qwen2-tied-gqa", seed: int = 0, layers: int = 2,
-                       hidden: int = 64, dtype: torch.dtype = torch.float32):
-    """Write a tiny random HF model + tokenizer to ``path``; returns the HF model (eval mode)."""
+                       hidden: int = 64, dtype: torch.dtype = torch.float32, config_overrides: dict | None = None):
+    """Write a random HF model + the tiny tokenizer to ``path``; returns the HF model (eval mode).
+
+    ``config_overrides`` replaces config fields, e.g. a real model's shape for a benchmark (a vocabulary
+    larger than the tokenizer's is fine: the ids used are the tokenizer's)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     path = Path(path)
@@ -58,6 +61,8 @@ def save_tiny_hf_model(path: str | Path, variant: str = "qwen2-tied-gqa", seed: 
     vocab = save_tiny_tokenizer(path)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   max_position_embeddings=256, rms_norm_eps=1e-6, dtype=str(dtype).replace("torch.", ""))
+    overrides = {**overrides, **(config_overrides or {})}
+    common = {k: v for k, v in common.items() if k not in overrides}
     torch.manual_seed(seed)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, **overrides, architectures=["Qwen2ForCausalLM"]))
