@@ -49,6 +49,12 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _encode(tokenizer, row: dict[str, str]) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids + eos), as the trainer formats a prompt/response row with the chat template."""
+    response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return _prompt_ids(tokenizer, row["prompt"]), response
+
+
 def exact_match_accuracy(model_dir: str | Path, rows: list[dict[str, str]], batch_size: int = 64) -> float:
     """Greedy decoding with transformers; a row counts when the generated answer equals the response."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,8 +85,7 @@ def token_accuracy_and_mean_p(model_dir: str | Path, rows: list[dict[str, str]])
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     hits, probabilities = [], []
     for row in rows:
-        prompt = _prompt_ids(tokenizer, row["prompt"])
-        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt, response = _encode(tokenizer, row)
         with torch.no_grad():
             logp = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
         target = torch.tensor(response)
@@ -99,8 +104,7 @@ def pretrain_base_model(model_dir: Path, rows: list[dict[str, str]], steps: int,
     model.train()
     encoded = []
     for row in rows:
-        prompt = _prompt_ids(tokenizer, row["prompt"])
-        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt, response = _encode(tokenizer, row)
         encoded.append((prompt + response, [-100] * len(prompt) + response))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)

@@ -79,6 +79,17 @@ def init_model_parallel(
     mc_tp.model_parallel_cuda_manual_seed(seed)
 
 
+def current_device() -> torch.device:
+    """Where this rank's tensors live: its CUDA device, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def barrier() -> None:
+    """A barrier over all ranks (nothing in a single process without a group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def free_port() -> int:
     import socket
 

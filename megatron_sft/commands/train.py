@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _worker(config_dict: dict, resume: bool) -> dict:
+def train_worker(config_dict: dict, resume: bool = False) -> dict:
+    """One rank's training run from a plain config dict (picklable, for spawned local workers)."""
     from megatron_sft.train.config import config_from_dict
     from megatron_sft.train.trainer import train
 
@@ -72,5 +73,5 @@ def launch(config, resume: bool = False, nproc: int | None = None) -> dict:
     if nproc is not None and nproc > 1:
         if under_launcher():
             raise ConfigError("--nproc is for local runs; under torchrun/Slurm the launcher starts the processes")
-        return run_local_workers(_worker, nproc, config.to_dict(), resume, timeout_s=7 * 24 * 3600)[0]
-    return _worker(config.to_dict(), resume)
+        return run_local_workers(train_worker, nproc, config.to_dict(), resume, timeout_s=7 * 24 * 3600)[0]
+    return train_worker(config.to_dict(), resume)

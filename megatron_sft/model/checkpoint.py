@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatron_sft.model.args import ModelArgs
 from megatron_sft.model.builder import build_gpt_model, build_transformer_config
+from megatron_sft.parallel import barrier
 
 MODEL_ARGS_FILE = "model_args.json"
 MODEL_DIR = "model"
@@ -130,18 +131,13 @@ def save_model(model, args: ModelArgs, ckpt_dir: str | Path, tokenizer_src: Opti
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         (fresh_temporary_sibling(final) / MODEL_DIR).mkdir()
-    _barrier()
+    barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_DIR))
-    _barrier()
+    barrier()
     if rank == 0:
         args.save(tmp / MODEL_ARGS_FILE)
         if tokenizer_src is not None:
             copy_tokenizer_files(Path(tokenizer_src), tmp / TOKENIZER_DIR)
         replace_directory(tmp, final)
-    _barrier()
+    barrier()
     return final
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

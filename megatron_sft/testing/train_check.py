@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from megatron_sft.commands.train import train_worker  # noqa: F401 - the workers the tests launch
 from megatron_sft.train.config import Config, load_config
 
 
@@ -48,28 +49,6 @@ def eval_metrics(output_dir: str | Path) -> list[dict[str, float]]:
 
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records if "eval/loss" in r]
-
-
-def train_worker(config_dict: dict, resume: bool = False) -> dict:
-    from dataclasses import asdict
-
-    from megatron_sft.train.config import config_from_dict
-    from megatron_sft.train.trainer import train
-
-    return asdict(train(config_from_dict(config_dict), resume=resume))
-
-
-def full_weights_worker(checkpoints: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Each checkpoint's weights loaded at TP=1/PP=1 (one process): comparable across training layouts."""
-    from megatron_sft.model.checkpoint import load_model
-    from megatron_sft.parallel import init_model_parallel
-
-    init_model_parallel(1, 1)
-    states = []
-    for ckpt in checkpoints:
-        model, _ = load_model(ckpt)
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")})
-    return states
 
 
 def per_token_loss_worker(ckpt: str, data: str, packing: bool, tensor_parallel: int, max_length: int = 48,

@@ -9,6 +9,7 @@ rounded up to a multiple of the tensor-parallel size (sequence parallelism split
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +32,8 @@ class TrainingRows:
 
 
 def format_config(data: DataConfig) -> FormatConfig:
-    return FormatConfig(
-        prompt_key=data.prompt_key, response_key=data.response_key, messages_key=data.messages_key,
-        template=data.template, plain_template=data.plain_template, max_length=data.max_length,
-        truncation=data.truncation, add_eos=data.add_eos,
-    )
+    """The formatting settings are the data section's keys of the same names."""
+    return FormatConfig(**{f.name: getattr(data, f.name) for f in dataclasses.fields(FormatConfig)})
 
 
 def load_rows(paths: list[str], data: DataConfig, tokenizer: Any) -> TrainingRows:

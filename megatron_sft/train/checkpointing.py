@@ -29,6 +29,7 @@ from megatron_sft.model.checkpoint import (
     MODEL_ARGS_FILE, MODEL_DIR, TOKENIZER_DIR, copy_tokenizer_files, fresh_temporary_sibling, replace_directory,
     temporary_sibling,
 )
+from megatron_sft.parallel import barrier
 from megatron_sft.train.model_setup import TrainingModel, chunks_sharded_state_dict
 
 OPTIMIZER_DIR = "optimizer"
@@ -41,11 +42,6 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def step_dir_name(step: int) -> str:
@@ -97,14 +93,14 @@ def save_training_checkpoint(
         tmp = fresh_temporary_sibling(final)
         for sub in (MODEL_DIR, OPTIMIZER_DIR, RNG_DIR):
             (tmp / sub).mkdir()
-    _barrier()
+    barrier()
     model_sd = chunks_sharded_state_dict(model.modules)
     dist_checkpointing.save(model_sd, str(tmp / MODEL_DIR))
     if save_optimizer:
         optim_sd = model.optimizer.sharded_state_dict(chunks_sharded_state_dict(model.modules), metadata=OPTIMIZER_METADATA)
         dist_checkpointing.save(optim_sd, str(tmp / OPTIMIZER_DIR))
     torch.save(rng_state(), tmp / RNG_DIR / f"rank{_rank()}.pt")
-    _barrier()
+    barrier()
     if _rank() == 0:
         model.args.save(tmp / MODEL_ARGS_FILE)
         if tokenizer_src is not None:
@@ -115,7 +111,7 @@ def save_training_checkpoint(
         replace_directory(tmp, final)
         _write_latest(root, final.name)
         _prune(root, keep_last, keep=final.name)
-    _barrier()
+    barrier()
     return final
 
 

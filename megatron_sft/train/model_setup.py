@@ -16,6 +16,7 @@ import torch
 from megatron_sft.model.args import ModelArgs
 from megatron_sft.model.builder import build_gpt_model, build_transformer_config
 from megatron_sft.model.checkpoint import MODEL_DIR, read_model_args
+from megatron_sft.parallel import current_device
 from megatron_sft.train.config import Config
 
 
@@ -169,11 +170,7 @@ def grads_finite(model: TrainingModel) -> bool:
     import torch.distributed as dist
 
     finite = all(bool(torch.isfinite(buffer.grad_data).all()) for chunk in model.chunks for buffer in chunk.buffers)
-    flag = torch.tensor([1.0 if finite else 0.0], device=_device())
+    flag = torch.tensor([1.0 if finite else 0.0], device=current_device())
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() == 1.0)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

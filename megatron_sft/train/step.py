@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron_sft.loss import reduce_loss, token_p_stats, vocab_parallel_objective_loss
 from megatron_sft.model.builder import transformer_engine_available
 from megatron_sft.objectives import Objective, _gather_valid
+from megatron_sft.parallel import current_device
 from megatron_sft.train.attention import attention_inputs
 from megatron_sft.train.config import ObjectiveConfig
 from megatron_sft.train.model_setup import TrainingModel, grads_finite, zero_grads
@@ -46,10 +47,6 @@ class StepResult:
     stats: dict = field(default_factory=dict)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 class StepRunner:
     """Runs training (and forward-only evaluation) steps of one model with one objective."""
 
@@ -62,7 +59,7 @@ class StepRunner:
 
     # ---- the forward step handed to megatron-core's schedules ------------------------------------
     def _forward_step(self, objective: Objective, sink: list, collect_p: bool = False):
-        device = _device()
+        device = current_device()
         cfg = self.cfg
 
         def forward_step(data_iterator, chunk):
@@ -116,9 +113,9 @@ class StepRunner:
             return self.objective
         collected: list[torch.Tensor] = []
         self._run(micro_batches, self._forward_step(self.objective, collected, collect_p=True), forward_only=True)
-        cutoff = torch.zeros(1, dtype=torch.float32, device=_device())
+        cutoff = torch.zeros(1, dtype=torch.float32, device=current_device())
         if ps.is_pipeline_last_stage():
-            local = torch.cat(collected) if collected else torch.zeros(0, device=_device())
+            local = torch.cat(collected) if collected else torch.zeros(0, device=current_device())
             value = self.objective.percentile_cutoff(_gather_valid(local, ps.get_data_parallel_group()))
             cutoff[0] = -1.0 if value is None else value
         # the loss runs on the last stage only; other stages do not need the cutoff
@@ -148,7 +145,7 @@ class StepRunner:
         lr = float(model.optimizer.param_groups[0]["lr"])  # the rate this step used
         model.scheduler.step(increment=1)
         tokens = int(sum(int((mb["sequence_ids"] >= 0).sum()) for mb in micro_batches))
-        tokens = int(self._sum_over_dp(torch.tensor([float(tokens)], device=_device()))[0])
+        tokens = int(self._sum_over_dp(torch.tensor([float(tokens)], device=current_device()))[0])
         return StepResult(
             loss=loss,
             mean_p=stats["sum_p"] / max(stats["valid"], 1.0),
@@ -190,7 +187,7 @@ class StepRunner:
         """Step totals, identical on every rank: the last stage's sums, summed over DP, shared with all."""
         from megatron.core import parallel_state as ps
 
-        totals = torch.stack(sink).sum(0) if sink else torch.zeros(len(_STATS), dtype=torch.float64, device=_device())
+        totals = torch.stack(sink).sum(0) if sink else torch.zeros(len(_STATS), dtype=torch.float64, device=current_device())
         if dist.is_initialized():
             if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
                 totals.zero_()

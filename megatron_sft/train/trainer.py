@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_sft.library_warnings import quiet_library_warnings
 from megatron_sft.model.checkpoint import TOKENIZER_DIR
 from megatron_sft.objectives import parse_objective
+from megatron_sft.parallel import current_device
 from megatron_sft.train.batches import BatchShape, TrainingRows, load_rows, round_up
 from megatron_sft.train.checkpointing import (
     latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
@@ -58,14 +59,10 @@ class _StopSignal:
 
     def agreed(self) -> bool:
         """True on every rank when any rank got a signal (ranks must stop at the same step)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=_device())
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=current_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _data_report(name: str, data: TrainingRows, packing: bool) -> str:
