@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_sft import __version__
-from megatron_sft.commands import convert, demo, objectives, selftest, train
+from megatron_sft.commands import convert, demo, objectives, prepare, sbatch, selftest, train
 
-COMMANDS = (train, convert, demo, objectives, selftest)
+COMMANDS = (train, convert, prepare, sbatch, demo, objectives, selftest)
 
 
 def build_parser() -> argparse.ArgumentParser:

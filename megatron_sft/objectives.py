@@ -297,6 +297,13 @@ def _canonical(spec: str) -> str:
     return s
 
 
+def canonical_spec(spec: str) -> str:
+    """The registry's own spelling of a spec (reference keys such as ``p`` or ``GeneralFamily-8`` are
+    aliases of ``neg_p`` and ``family:8``); raises ObjectiveSpecError like :func:`parse_objective`."""
+    parse_objective(spec)
+    return _canonical(spec)
+
+
 def parse_objective(spec: str) -> Objective:
     """Parse an objective spec (see ``VALID_FORMS``); raises ObjectiveSpecError with the valid forms."""
     if not isinstance(spec, str) or not spec.strip():

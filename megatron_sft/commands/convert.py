@@ -25,7 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     to_mcore.set_defaults(run=run)
 
     to_hf = conv.add_parser("mcore-to-hf", help="megatron-sft checkpoint -> HF model directory")
-    to_hf.add_argument("--checkpoint", required=True, help="megatron-sft checkpoint directory (written by hf-to-mcore)")
+    to_hf.add_argument("--checkpoint", required=True,
+                       help="megatron-sft checkpoint directory (from hf-to-mcore or a training step_N), or a training "
+                       "run's output_dir / its checkpoints/ directory, which mean the checkpoint `latest` names")
     to_hf.add_argument("--out", required=True, help="HF directory to write (must not exist unless --overwrite)")
     to_hf.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="weight dtype (default: the checkpoint's)")
     to_hf.add_argument("--max-shard-gb", type=float, default=1.0, help="largest safetensors shard in GiB (default 1; peak memory is the model plus about one shard)")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             out = convert_hf_to_mcore(args.hf, args.out, overwrite=args.overwrite, dtype=args.dtype, progress=not args.no_progress)
         else:
             out = convert_mcore_to_hf(
-                args.checkpoint, args.out, overwrite=args.overwrite, dtype=args.dtype,
+                resolve_checkpoint(args.checkpoint), args.out, overwrite=args.overwrite, dtype=args.dtype,
                 max_shard_bytes=int(args.max_shard_gb * 1024**3), progress=not args.no_progress,
             )
     except (ConversionError, UnsupportedModelError, FileExistsError, FileNotFoundError, ValueError) as err:
@@ -52,3 +54,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {out}")
     return 0
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory as given, or the newest checkpoint of a training run (OUTPUT or OUTPUT/checkpoints)."""
+    from pathlib import Path
+
+    from megatron_sft.train.checkpointing import LATEST, latest_checkpoint
+
+    for checkpoints in (Path(path) / "checkpoints", Path(path)):
+        if (checkpoints / LATEST).is_file():
+            return str(latest_checkpoint(checkpoints))
+    return path

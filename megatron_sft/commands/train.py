@@ -24,7 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config values, e.g. optim.lr=1e-5 objective.name=neg_p parallel.tensor=2")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT/checkpoints/latest (model, optimizer, schedule, data order, RNG)")
+                        help="continue from OUTPUT/checkpoints/latest (model, optimizer, schedule, data order, RNG); "
+                        "starts fresh when there is none yet, so a requeued job can always pass it")
+    parser.add_argument("--print", dest="print_key", metavar="KEY",
+                        help="print one resolved config value (e.g. output_dir, parallel.tensor; `all` for the whole "
+                        "YAML) and exit without training; job scripts use it to find the run directory")
     parser.add_argument("--nproc", type=int, default=None,
                         help="launch this many local processes (gloo on 127.0.0.1 without CUDA, nccl with); "
                         "leave unset under torchrun/Slurm, which start the processes themselves")
@@ -50,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         config_path, overrides = None, [config_path] + overrides
     try:
         config = load_config(config_path, overrides)
+        if args.print_key:
+            print(resolved_value(config, args.print_key))
+            return 0
         summary = launch(config, resume=args.resume, nproc=args.nproc)
     except (ConfigError, DataError, ObjectiveSpecError, FileNotFoundError) as err:
         print(f"megatron-sft train: error: {err}")
@@ -62,6 +69,23 @@ def run(args: argparse.Namespace) -> int:
     if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun every rank returns the summary
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     return 0
+
+
+def resolved_value(config, key: str) -> str:
+    """One config value as text (``all``: the whole config as YAML), for shell scripts."""
+    import yaml
+
+    from megatron_sft.train.config import ConfigError
+
+    value = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, for YAML
+    if key != "all":
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ConfigError(f"--print {key}: no such config key (see `megatron-sft train --help`)")
+            value = value[part]
+    if isinstance(value, (dict, list, tuple)):
+        return yaml.safe_dump(value, sort_keys=False).rstrip()
+    return "null" if value is None else str(value)
 
 
 def launch(config, resume: bool = False, nproc: int | None = None) -> dict:

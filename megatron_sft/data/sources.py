@@ -41,6 +41,26 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             yield Row(str(path), line_number, record)
 
 
+def _starts_with_array(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith("[")
+    return False
+
+
+def _json_array_rows(path: Path) -> Iterator[Row]:
+    """A .json file holding one array of objects (as many datasets are published); rows numbered from 1."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected an array of JSON objects, item {number} is {type(record).__name__}")
+        yield Row(str(path), number, record)
+
+
 def _parquet_rows(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
@@ -78,7 +98,9 @@ def read_rows(path: str | Path) -> Iterator[Row]:
         for file in files:
             yield from read_rows(file)
         return
-    if path.suffix in (".jsonl", ".json"):
+    if path.suffix == ".json" and _starts_with_array(path):
+        yield from _json_array_rows(path)
+    elif path.suffix in (".jsonl", ".json"):
         yield from _jsonl_rows(path)
     elif path.suffix == ".parquet":
         yield from _parquet_rows(path)

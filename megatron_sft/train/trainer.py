@@ -5,11 +5,12 @@ Run on every rank of a torchrun / Slurm job (or on local processes via ``megatro
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,8 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
     if existing is not None and not resume:
         raise ConfigError(f"{out} already has checkpoints (latest: {existing.name}); pass --resume to continue "
                           "that run, or choose another output_dir")
+    if main:  # a resumed run is not complete until it finishes again (job scripts requeue on its absence)
+        (out / COMPLETED_MARKER).unlink(missing_ok=True)
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     t = cfg.train
@@ -189,11 +192,25 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
         exported = export_hf(saved, out / "hf", main)
         log.print(f"exported HF model to {exported}")
     log.close()
-    return TrainSummary(
+    summary = TrainSummary(
         steps=step, first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
         first_mean_p=first_p, last_mean_p=last_p, checkpoint=str(saved) if saved else None,
         export=str(exported) if exported else None, stopped_by_signal=stopped, losses=losses,
     )
+    if main and not stopped:
+        _write_completed_marker(out, summary)
+    return summary
+
+
+COMPLETED_MARKER = "COMPLETED"
+
+
+def _write_completed_marker(out: Path, summary: TrainSummary) -> None:
+    """OUTPUT/COMPLETED tells a job script that the run finished (absent: stopped by a signal, requeue it)."""
+    content = {k: v for k, v in asdict(summary).items() if k != "losses"}
+    tmp = out / f".{COMPLETED_MARKER}.tmp"
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, out / COMPLETED_MARKER)
 
 
 def evaluate_rows(runner: StepRunner, shape: BatchShape, data: TrainingRows, dp: int, dp_rank: int, multiple: int) -> dict:
@@ -220,7 +237,8 @@ def export_hf(checkpoint: Path, out_dir: Path, main: bool) -> Path:
         command = [sys.executable, "-m", "megatron_sft", "convert", "mcore-to-hf", "--checkpoint", str(checkpoint),
                    "--out", str(out_dir), "--overwrite", "--no-progress"]
         # the child is a fresh single-process job: hide this job's rendezvous variables from it
-        env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS and not k.startswith("TORCHELASTIC_")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in _RENDEZVOUS_VARS and not k.startswith(("TORCHELASTIC_", "SLURM_"))}
         completed = subprocess.run(command, capture_output=True, text=True, env=env)
         if completed.returncode != 0:
             raise RuntimeError(f"HF export failed ({' '.join(command)}):\n{completed.stdout}\n{completed.stderr}")

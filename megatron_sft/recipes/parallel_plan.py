@@ -1,0 +1,77 @@
+"""Choose TP x PP x DP for a model on N nodes x G GPUs, from a memory estimate.
+
+Per GPU, bf16 training with megatron-core's distributed optimizer holds
+  - the bf16 weights and fp32 main gradients of its model shard: 6 bytes x P / (TP x PP),
+  - its share of the fp32 master weights and two Adam moments: 12 bytes x P / (TP x PP x DP).
+The plan keeps that within half of the GPU's memory (the rest is for activations and the
+[tokens x vocab/TP] logits) and prefers, in order: no model parallelism, tensor parallelism inside a
+node (it needs the NVLink bandwidth), then pipeline stages. TP must divide the attention and KV heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_sft.recipes.models import ModelSpec
+
+STATE_MEMORY_FRACTION = 0.5
+WEIGHT_AND_GRAD_BYTES = 6
+OPTIMIZER_BYTES = 12
+
+
+class PlanError(ValueError):
+    """The model does not fit the GPUs given, or the batch cannot be split over them."""
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    tensor: int
+    pipeline: int
+    data: int
+    micro_batch_size: int
+    state_gib_per_gpu: float
+    reason: str
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.tensor > 1
+
+
+def state_bytes_per_gpu(parameters: int, tensor: int, pipeline: int, data: int) -> float:
+    shard = parameters / (tensor * pipeline)
+    return shard * WEIGHT_AND_GRAD_BYTES + shard * OPTIMIZER_BYTES / data
+
+
+def plan_parallel(model: ModelSpec, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
+                  global_batch_size: int, micro_batch_size: int) -> ParallelPlan:
+    """The smallest model-parallel layout whose weights, gradients and optimizer state fit (see module doc)."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise PlanError(f"need at least one node and one GPU (got {nodes} nodes x {gpus_per_node} GPUs)")
+    world = nodes * gpus_per_node
+    budget = gpu_memory_gib * 2**30 * STATE_MEMORY_FRACTION
+    tp_options = [tp for tp in (1, 2, 4, 8) if tp <= gpus_per_node and model.heads % tp == 0 and model.kv_heads % tp == 0]
+    candidates = [(tp, 1) for tp in tp_options]
+    candidates += [(tp_options[-1], pp) for pp in (2, 4, 8, 16) if model.layers % pp == 0]
+    for tp, pp in candidates:
+        if world % (tp * pp):
+            continue
+        dp = world // (tp * pp)
+        need = state_bytes_per_gpu(model.parameters, tp, pp, dp)
+        if need <= budget:
+            micro = fit_micro_batch(global_batch_size, micro_batch_size, dp)
+            reason = (f"{model.parameters / 1e9:.2f}B parameters: weights+grads+Adam state {need / 2**30:.1f} GiB per GPU "
+                      f"at TP{tp} PP{pp} DP{dp} (budget {STATE_MEMORY_FRACTION:.0%} of {gpu_memory_gib:g} GiB)")
+            return ParallelPlan(tp, pp, dp, micro, need / 2**30, reason)
+    smallest = min(state_bytes_per_gpu(model.parameters, tp, pp, max(world // (tp * pp), 1)) for tp, pp in candidates)
+    raise PlanError(f"{model.key} ({model.parameters / 1e9:.1f}B parameters) does not fit {nodes} node(s) x {gpus_per_node} "
+                    f"GPUs of {gpu_memory_gib:g} GiB: at least {smallest / 2**30:.0f} GiB of state per GPU against a budget "
+                    f"of {budget / 2**30:.0f} GiB; add nodes (--nodes) or set --tp/--pp yourself")
+
+
+def fit_micro_batch(global_batch_size: int, micro_batch_size: int, data_parallel: int) -> int:
+    """The largest micro-batch <= the recipe's that splits the global batch evenly over the DP ranks."""
+    if global_batch_size % data_parallel:
+        raise PlanError(f"global batch {global_batch_size} cannot be split over {data_parallel} data-parallel ranks; "
+                        "change the number of GPUs or train.global_batch_size")
+    per_rank = global_batch_size // data_parallel
+    return max(m for m in range(1, min(micro_batch_size, per_rank) + 1) if per_rank % m == 0)
