@@ -35,11 +35,16 @@ class DatasetRecipe:
     epochs: int = 1
     eval_benchmarks: tuple[str, ...] = ()
     capability: str = ""  # where the paper places it on the capability continuum
+    objective: str = "nll"  # what the paper recommends there: -p where the model is strong, NLL elsewhere
     extra: dict[str, object] = field(default_factory=dict)  # further section.key values
 
     def settings(self, model_key: str) -> ModelSettings:
-        """The reference's settings for this model, or the dataset's defaults for a pairing it did not run."""
-        return self.models.get(model_key, ModelSettings())
+        """The reference's settings for this model (any spelling of its key), or the dataset's defaults for a
+        pairing it did not run."""
+        from megatron_sft.recipes.models import get_model
+
+        wanted = get_model(model_key).key
+        return next((s for key, s in self.models.items() if get_model(key).key == wanted), ModelSettings())
 
 
 RECIPES: dict[str, DatasetRecipe] = {recipe.name: recipe for recipe in (
@@ -48,6 +53,7 @@ RECIPES: dict[str, DatasetRecipe] = {recipe.name: recipe for recipe in (
         models={"qwen-2.5-math-1.5b": ModelSettings(), "qwen-2.5-math-7b": ModelSettings(),
                 "llama-3.1-8b": ModelSettings(lr=2e-5), "deepseek-math-7b": ModelSettings()},
         eval_benchmarks=("math500", "minerva", "olympiadbench", "aime24", "amc23"), capability="model-strong",
+        objective="neg_p",
     ),
     DatasetRecipe(
         "medical", "m23k (medical reasoning, final answers without the thinking trace)", max_length=800,
