@@ -1,9 +1,10 @@
 """Slurm job scripts and the `sbatch` generator, end to end on a fake Slurm (tests/fake_slurm).
 
-The fake `sbatch` runs a job script at once with a one-node allocation's SLURM_* variables, the fake
-`srun` runs its command locally and passes signals on, and the fake `scontrol` records requeues. What
-runs inside is real: `megatron-sft prepare` (reasoning-gym figfont), the converter, torchrun with two
-gloo workers training at TP=2, and the export; a tiny random Qwen2 stands in for the HF base model.
+The fake `sbatch` runs a job script at once with the SLURM_* variables of an allocation whose nodes are
+all this machine, the fake `srun` runs its command locally once per node and passes signals on, and the
+fake `scontrol` records requeues. What runs inside is real: `megatron-sft prepare` (reasoning-gym
+figfont), the converter, torchrun (one per fake node, c10d rendezvous on 127.0.0.1) with gloo workers
+training at TP=2, and the export; a tiny random Qwen2 stands in for the HF base model.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def generate(workdir: Path, job: str, objective: str, *extra: str) -> Path:
+    layout = () if "--nodes" in extra else ("--gpus-per-node", "2")
     done = megatron_sft("sbatch", "--dataset", "figfont", "--model", "qwen-2.5-1.5b", "--objective", objective,
-                        "--gpus-per-node", "2", "--tp", "2", "--hf-dir", "models/tiny", "--job-dir", f"jobs/{job}",
+                        *layout, "--tp", "2", "--hf-dir", "models/tiny", "--job-dir", f"jobs/{job}",
                         "--setup", "true", *TINY_RUN, *extra, cwd=workdir)
     assert done.returncode == 0, done.stdout + done.stderr
     return workdir / "jobs" / job
@@ -108,8 +110,9 @@ def test_sweep_submit_script_chains_arrays(tmp_path):
 
 
 def test_pipeline_convert_train_export_on_fake_slurm(workdir):
-    """submit.sh -> convert -> train (torchrun, 2 workers, TP=2) -> export, with sbatch dependencies."""
-    job_dir = generate(workdir, "pipeline", "nll", "--set", "train.epochs=1")
+    """submit.sh -> convert -> train on 2 "nodes" x 1 GPU (one torchrun per node, c10d rendezvous, TP=2 across
+    them) -> export, with sbatch dependencies."""
+    job_dir = generate(workdir, "pipeline", "nll", "--set", "train.epochs=1", "--nodes", "2", "--gpus-per-node", "1")
     state = workdir / "state_pipeline"
     env = fake_slurm_env(state)
     done = subprocess.run(["bash", str(job_dir / "submit.sh")], env=env, capture_output=True, text=True, timeout=900)
@@ -124,7 +127,7 @@ def test_pipeline_convert_train_export_on_fake_slurm(workdir):
     completed = json.loads((run / "COMPLETED").read_text())
     assert completed["steps"] == 12 and not completed["stopped_by_signal"]  # 96 rows / 8 per step, 1 epoch
     train_log = (state / f"job_{train_id}.log").read_text()
-    assert "TP 2 x PP 1 x DP 1" in train_log, train_log[-3000:]
+    assert "TP 2 x PP 1 x DP 1" in train_log and "2 node(s) x 1 GPUs" in train_log, train_log[-3000:]
 
     from transformers import AutoModelForCausalLM
 
