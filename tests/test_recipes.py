@@ -143,6 +143,12 @@ def test_sbatch_command_writes_a_job_and_explains_bad_input(tmp_path):
     assert (job / "models.txt").read_text().split() == ["models/Qwen2.5-Math-7B", "ckpt/qwen-2.5-math-7b",
                                                         "Qwen/Qwen2.5-Math-7B"]
     assert "run `megatron-sft prepare math --out data/math` first" in done.stdout
+    again = run_cli("sbatch", "--dataset", "math", "--model", "qwen-2.5-math-7b", "--objective", "nll",
+                    "--job-dir", str(job), cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a job; pass --overwrite" in again.stdout
+    again = run_cli("sbatch", "--dataset", "math", "--model", "qwen-2.5-math-7b", "--objective", "nll",
+                    "--job-dir", str(job), "--overwrite", cwd=tmp_path)
+    assert again.returncode == 0 and [p.name for p in (job / "configs").iterdir()] == ["math_qwen-2.5-math-7b_nll.yaml"]
 
     for args, message in [
         (("--model", "gpt-2", "--objective", "nll"), "unknown model key 'gpt-2'"),

@@ -81,6 +81,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                      help="override a training config value in every run (repeatable), e.g. --set train.epochs=3")
     out = parser.add_argument_group("output")
     out.add_argument("--job-dir", type=Path, help="where to write the job (default: jobs/NAME)")
+    out.add_argument("--overwrite", action="store_true", help="replace the files of an existing job directory")
     mode = out.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print submit.sh and the configs; write nothing")
     mode.add_argument("--submit", action="store_true", help="write the job and run its submit.sh (needs sbatch)")
@@ -162,7 +163,11 @@ def _generate(args: argparse.Namespace, name_fn, dataset: str, runs_fn) -> int:
         print(job_summary(job, None))
         return 0
     job_dir = (args.job_dir or Path("jobs") / name).resolve()
-    write_job(job, job_dir)
+    try:
+        write_job(job, job_dir, overwrite=args.overwrite)
+    except JobError as err:
+        print(f"{prog}: error: {err}")
+        return 2
     print(job_summary(job, job_dir))
     if args.submit:
         if shutil.which("sbatch") is None:

@@ -153,10 +153,15 @@ def hf_dir(model: ModelSpec, options: SlurmOptions) -> str:
     return options.hf_dir or f"{options.hf_root}/{model.hf_id.split('/')[-1]}"
 
 
-def write_job(job: Job, job_dir: Path) -> list[Path]:
+def write_job(job: Job, job_dir: Path, overwrite: bool = False) -> list[Path]:
     """Write the job directory (see the module docstring); returns the files written."""
     templates = templates_dir()
     job_dir = job_dir.resolve()
+    if (job_dir / "submit.sh").exists() and not overwrite:
+        raise JobError(f"{job_dir} already holds a job; pass --overwrite to replace its files, or choose --job-dir")
+    if overwrite and (job_dir / "configs").is_dir():
+        for stale in (job_dir / "configs").glob("*.yaml"):
+            stale.unlink()
     (job_dir / "configs").mkdir(parents=True, exist_ok=True)
     (job_dir / "logs").mkdir(exist_ok=True)
     written = []
@@ -253,6 +258,10 @@ def job_summary(job: Job, job_dir: Optional[Path]) -> str:
         if not (workdir / hf_dir(model, o) / "config.json").is_file():
             lines.append(f"  note: {hf_dir(model, o)} has no HF model yet; the convert job downloads {model.hf_id} there "
                          "(or copy it there first if the compute nodes are offline)")
+    for run in job.runs:
+        if (workdir / run.config["output_dir"] / "checkpoints" / "latest").is_file():
+            lines.append(f"  note: {run.config['output_dir']} already has checkpoints: the job resumes that run "
+                         "(use another --runs-root, or move it away, to start over)")
     train_file = workdir / job.runs[0].config["data"]["train"][0]
     if not train_file.is_file():
         lines.append(f"  note: {train_file} does not exist yet: run `megatron-sft prepare {job.dataset} "
