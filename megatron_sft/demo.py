@@ -24,8 +24,12 @@ import torch
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
-def shift_task_rows(count: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, str]]:
-    """Rows {prompt: "c x m ?", response: "d y n"} with 3-6 letters, prompts unique and not in ``exclude``."""
+SHIFT_BY_ONE = {c: LETTERS[(i + 1) % 26] for i, c in enumerate(LETTERS)}
+
+
+def letter_task_rows(count: int, seed: int, mapping: dict[str, str], exclude: set[str] | None = None) -> list[dict[str, str]]:
+    """Rows {prompt: "c x m ?", response: mapping of each letter} with 3-6 letters, prompts unique and not in
+    ``exclude``."""
     rng = random.Random(seed)
     seen = set(exclude or ())
     rows = []
@@ -35,8 +39,13 @@ def shift_task_rows(count: int, seed: int, exclude: set[str] | None = None) -> l
         if prompt in seen:
             continue
         seen.add(prompt)
-        rows.append({"prompt": prompt, "response": " ".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in letters)})
+        rows.append({"prompt": prompt, "response": " ".join(mapping[c] for c in letters)})
     return rows
+
+
+def shift_task_rows(count: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, str]]:
+    """The demo's task: "c x m ?" -> "d y n" (every letter shifted by one)."""
+    return letter_task_rows(count, seed, SHIFT_BY_ONE, exclude)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:

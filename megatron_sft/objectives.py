@@ -80,6 +80,16 @@ def _log1mp() -> Base:
     return Base("log1mp", "log(1 - p)", value, weight)
 
 
+def _mix(m: float) -> Base:
+    # f = (1 - m)(-log p) + m (1 - p): NLL at m = 0, -p at m = 1 ; w = (1 - m) + m p
+    return Base(
+        f"mix:{m:g}",
+        f"{1 - m:g} (-log p) + {m:g} (1 - p)",
+        lambda lp, l1mp: -(1 - m) * lp + m * l1mp.exp(),
+        lambda lp, l1mp: (1 - m) + m * lp.exp(),
+    )
+
+
 def _dft() -> Base:
     # Dynamic fine-tuning: f = -sg(p) log p ; the gradient treats p as a constant, w = p.
     return Base("dft", "-sg(p) log p", lambda lp, l1mp: -lp.exp() * lp, lambda lp, l1mp: lp.exp())
@@ -99,15 +109,67 @@ def _focal(gamma: float) -> Base:
     return Base(f"focal:{gamma:g}", f"-(1 - p)^{gamma:g} log p", value, weight)
 
 
+ADAPTIVE_ALPHA_RANGE = (0.01, 10.0)  # family alpha at the NLL end (alpha -> 0 is NLL) and at the -p^10 end
+
+
+@dataclass(frozen=True)
+class AdaptiveSchedule:
+    """The paper's capability rule as a schedule: the objective follows the running mean token p, m.
+
+    s(m) = clip((m - low) / (high - low), 0, 1) places m between the model-weak end (m <= low: NLL-like)
+    and the model-strong end (m >= high: prior-leaning). ``alpha`` resolves to the family f_alpha with
+    alpha = 0.01^(1-s) * 10^s (log-linear from ~NLL to p^10); ``mix`` resolves to the per-token mixture
+    (1 - s)(-log p) + s (1 - p). The defaults 0.2 / 0.8 bracket the paper's medical (~0.5) between its
+    figfont (~0.01) and math (~0.8) measurements.
+    """
+
+    kind: Literal["alpha", "mix"]
+    low: float = 0.2
+    high: float = 0.8
+
+    def position(self, mean_p: float) -> float:
+        return min(max((mean_p - self.low) / (self.high - self.low), 0.0), 1.0)
+
+    def parameter(self, mean_p: float) -> float:
+        """alpha of the family, or the mixture weight of -p, at running mean p ``mean_p``."""
+        s = self.position(mean_p)
+        if self.kind == "mix":
+            return s
+        a_min, a_max = ADAPTIVE_ALPHA_RANGE
+        return math.exp((1 - s) * math.log(a_min) + s * math.log(a_max))
+
+    def resolve(self, mean_p: float) -> "Objective":
+        value = self.parameter(mean_p)
+        base = _family(value) if self.kind == "alpha" else _mix(value)
+        return Objective(base.key, base)
+
+    @property
+    def formula(self) -> str:
+        s = f"s = clip((m - {self.low:g}) / ({self.high - self.low:g}), 0, 1), m = running mean p"
+        if self.kind == "alpha":
+            return f"(1 - p^a)/a, a = 0.01^(1-s) 10^s, {s}"
+        return f"(1 - s)(-log p) + s (1 - p), {s}"
+
+
 @dataclass(frozen=True)
 class Objective:
-    """A base f(p) and an optional token selection (stop-gradient)."""
+    """A base f(p) and an optional token selection (stop-gradient); or an adaptive schedule that the
+    trainer resolves to a concrete objective every step (:meth:`at`)."""
 
     spec: str
     base: Base
     selection: Selection = "none"
     threshold: float = 0.0  # q for above/below, k (percent) for top/bottom_percent
     description: str = field(default="", compare=False)
+    adaptive: Optional[AdaptiveSchedule] = None
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.adaptive is not None
+
+    def at(self, mean_p: float) -> "Objective":
+        """The concrete objective of an adaptive one at running mean p ``mean_p`` (itself otherwise)."""
+        return self.adaptive.resolve(mean_p) if self.adaptive is not None else self
 
     @property
     def name(self) -> str:
@@ -115,6 +177,8 @@ class Objective:
 
     @property
     def formula(self) -> str:
+        if self.adaptive is not None:
+            return self.adaptive.formula
         f = self.base.formula
         return {
             "none": f,
@@ -131,11 +195,17 @@ class Objective:
 
     def value(self, logp: Tensor, log1mp: Tensor) -> Tensor:
         """f(p) from log p and log(1 - p)."""
+        self._check_resolved()
         return self.base.value(logp, log1mp)
 
     def weight(self, logp: Tensor, log1mp: Tensor) -> Tensor:
         """w(p) = -f'(p) p: the factor on (softmax - onehot) in the logit gradient."""
+        self._check_resolved()
         return self.base.weight(logp, log1mp)
+
+    def _check_resolved(self) -> None:
+        if self.adaptive is not None:
+            raise RuntimeError(f"{self.spec} is adaptive: resolve it with .at(mean_p) before computing a loss")
 
     def select(self, p: Tensor, valid: Tensor, group: Optional[torch.distributed.ProcessGroup] = None) -> Tensor:
         """Boolean mask of the valid tokens this objective trains on.
@@ -200,6 +270,8 @@ class Objective:
         (1 - p^a)/a the centroid is (a+1)/(a+3), so a >= 1 is leaning and a < 1 averse (a -> 0 is NLL).
         Percentile selections keep high-p (top) or low-p (bottom) tokens, which decides their lean.
         """
+        if self.adaptive is not None:
+            return "adaptive"
         if self.selection == "top_percent":
             return "prior-leaning"
         if self.selection == "bottom_percent":
@@ -265,6 +337,10 @@ Valid objective specs (readable form | reference key):
                                                      f(p) * 1[p <= q], 0 <= q <= 1
   <base>_top:<k>           |                         f(p) on the top k% of the batch's tokens by p, 0 < k <= 100
   <base>_bottom:<k>        |                         f(p) on the bottom k% of the batch's tokens by p
+  mix:<m>                  |                         (1-m)(-log p) + m (1 - p), 0 <= m <= 1
+  adaptive_alpha[:<lo>:<hi>]                         family alpha scheduled from the running mean p m:
+                                                     ~NLL (alpha 0.01) at m <= lo, p^10 at m >= hi (0.2, 0.8)
+  adaptive_mix[:<lo>:<hi>]                           mix weight scheduled the same way: NLL .. -p
   where <base> is one of nll, neg_p, log1mp."""
 
 
@@ -331,6 +407,23 @@ def parse_objective(spec: str) -> Objective:
             raise _fail(spec, f"gamma must be >= 0, got {gamma:g}")
         return Objective(spec, _focal(gamma))
 
+    if name == "mix":
+        m = _number(spec, arg)
+        if not 0.0 <= m <= 1.0:
+            raise _fail(spec, f"the mixture weight m must be in [0, 1], got {m:g}")
+        return Objective(spec, _mix(m))
+    if name in ("adaptive_alpha", "adaptive_mix"):
+        low, high = 0.2, 0.8
+        if has_arg:
+            parts = arg.split(":")
+            if len(parts) != 2:
+                raise _fail(spec, f"{name} takes <low>:<high> (mean p of the NLL end and of the -p end), e.g. {name}:0.2:0.8")
+            low, high = (_number(spec, x) for x in parts)
+            if not 0.0 <= low < high <= 1.0:
+                raise _fail(spec, f"need 0 <= low < high <= 1, got low={low:g}, high={high:g}")
+        schedule = AdaptiveSchedule("alpha" if name == "adaptive_alpha" else "mix", low, high)
+        return Objective(spec, schedule.resolve(low).base, adaptive=schedule)
+
     match = re.fullmatch(r"(nll|neg_p|log1mp)_(above|below|top|bottom)", name)
     if match:
         base = _BASES_WITHOUT_ARG[match.group(1)]()
@@ -356,4 +449,10 @@ def example_specs() -> list[str]:
         "neg_p_above:0.5", "neg_p_below:0.5", "nll_above:0.3", "nll_below:0.7",
         "log1mp_above:0.2", "log1mp_below:0.8",
         "neg_p_top:30", "neg_p_bottom:30", "nll_top:50", "nll_bottom:20", "log1mp_top:40", "log1mp_bottom:40",
+        "mix:0.3",
     ]
+
+
+def adaptive_specs() -> list[str]:
+    """The adaptive forms (resolved per step by the trainer; not a fixed f(p))."""
+    return ["adaptive_alpha", "adaptive_mix"]

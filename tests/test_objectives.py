@@ -162,3 +162,33 @@ def test_target_outside_vocab_is_a_clear_error():
     target[1, 1] = 999
     with pytest.raises(ValueError, match=r"target id 999 at position \[1, 1\] is outside the vocabulary"):
         vocab_parallel_objective_loss(logits, target, "nll", tp_group=None)
+
+
+def test_mix_interpolates_nll_and_neg_p_exactly():
+    lp = torch.log(torch.tensor([1e-6, 0.01, 0.3, 0.9, 1.0], dtype=torch.float64))
+    l1mp = torch.log1p(-lp.exp())
+    nll, neg_p = parse_objective("nll"), parse_objective("neg_p")
+    for m in (0.0, 0.25, 1.0):
+        mix = parse_objective(f"mix:{m}")
+        torch.testing.assert_close(mix.value(lp, l1mp), (1 - m) * nll.value(lp, l1mp) + m * neg_p.value(lp, l1mp))
+        torch.testing.assert_close(mix.weight(lp, l1mp), (1 - m) * nll.weight(lp, l1mp) + m * neg_p.weight(lp, l1mp))
+    with pytest.raises(ObjectiveSpecError, match="mixture weight m must be in \\[0, 1\\]"):
+        parse_objective("mix:1.5")
+
+
+def test_adaptive_schedules_map_mean_p_from_nll_to_prior_leaning():
+    alpha = parse_objective("adaptive_alpha")
+    assert alpha.is_adaptive and alpha.prior == "adaptive"
+    assert alpha.at(0.01).spec == alpha.at(0.2).spec == "family:0.01"  # model-weak end: ~NLL
+    assert alpha.at(0.8).spec == alpha.at(0.95).spec == "family:10"  # model-strong end: p^10
+    assert alpha.adaptive.parameter(0.5) == pytest.approx((0.01 * 10) ** 0.5)  # log-linear in between
+    assert alpha.at(0.01).prior == "prior-averse" and alpha.at(0.9).prior == "prior-leaning"
+    mix = parse_objective("adaptive_mix:0.1:0.9")
+    assert [mix.adaptive.parameter(m) for m in (0.0, 0.1, 0.5, 0.9, 1.0)] == pytest.approx([0, 0, 0.5, 1, 1])
+    assert mix.at(0.5).spec == "mix:0.5"
+    lp = torch.log(torch.tensor([0.5]))
+    with pytest.raises(RuntimeError, match="adaptive: resolve it with .at"):
+        mix.value(lp, torch.log1p(-lp.exp()))
+    for bad, why in [("adaptive_mix:0.5", "takes <low>:<high>"), ("adaptive_alpha:0.8:0.2", "0 <= low < high <= 1")]:
+        with pytest.raises(ObjectiveSpecError, match=why):
+            parse_objective(bad)

@@ -240,3 +240,33 @@ def test_non_finite_steps_halt_or_are_skipped(tiny, tmp_path):
     skipped = _train_cli(args + [f"output_dir={tmp_path / 'skip'}", "train.on_nonfinite=skip"])
     assert skipped.returncode == 0, skipped.stdout + skipped.stderr
     assert skipped.stdout.count("SKIPPED (non-finite)") == 2
+
+
+ADAPTIVE_RUN = ["objective.name=adaptive_mix:0:0.5", "train.max_steps=4", "train.epochs=3", "optim.lr=3e-3",
+                "optim.schedule=constant", "checkpoint.every_steps=2"]
+
+
+def test_adaptive_objective_follows_the_running_mean_p_at_any_layout_and_resumes(tiny):
+    """adaptive_mix: the weight of -p follows the moving average of the logged mean p (the first step's
+    batch measured before it trains); TP=2 gives the same run, and a resumed run continues it exactly."""
+    from megatron_sft.objectives import parse_objective
+
+    one, out = _run(tiny, "adaptive_tp1", 1, *ADAPTIVE_RUN)
+    schedule = parse_objective("adaptive_mix:0:0.5").adaptive
+    mean_p, params = logged(out, "mean_p"), logged(out, "adaptive_parameter")
+    running = mean_p[0]
+    for step, param in enumerate(params):
+        assert param == pytest.approx(schedule.parameter(running), rel=1e-6), (step, params, mean_p)
+        running = 0.9 * running + 0.1 * mean_p[step]
+    assert params[-1] > params[0] > 0  # training raised p, so the objective moved towards -p
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["objective"] for r in records] == [f"mix:{p:g}" for p in params]
+
+    two, out2 = _run(tiny, "adaptive_tp2", 2, *ADAPTIVE_RUN, "parallel.tensor=2")
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(logged(out2, "adaptive_parameter")), torch.tensor(params), rtol=1e-5, atol=0)
+
+    _run(tiny, "adaptive_resumed", 1, *ADAPTIVE_RUN, "train.max_steps=2")
+    resumed, out3 = _run(tiny, "adaptive_resumed", 1, *ADAPTIVE_RUN, resume=True)
+    assert resumed["losses"] == one["losses"][2:]
+    assert logged(out3, "adaptive_parameter") == params

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from megatron_sft.objectives import VALID_FORMS, ObjectiveSpecError, example_specs, parse_objective
+from megatron_sft.objectives import VALID_FORMS, ObjectiveSpecError, adaptive_specs, example_specs, parse_objective
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def describe(spec: str) -> dict:
     obj = parse_objective(spec)
+    if obj.is_adaptive:  # no fixed W_f: it moves with the running mean p
+        return {"spec": spec, "name": spec, "formula": obj.formula, "prior": obj.prior, "weight_peak": None,
+                "weight_centroid": None}
     return {"spec": spec, "name": obj.name, "formula": obj.formula, "prior": obj.prior, "weight_peak": round(obj.weight_peak(), 4),
             "weight_centroid": None if obj.needs_batch_statistics else round(obj.weight_centroid(), 4)}
 
@@ -40,8 +43,8 @@ def plot_weights(specs: list[str], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for spec in specs:
         obj = parse_objective(spec)
-        if obj.needs_batch_statistics:
-            continue  # depends on the batch, not on p alone
+        if obj.needs_batch_statistics or obj.is_adaptive:
+            continue  # depends on the batch / the running mean p, not on p alone
         w = obj.gradient_weight_curve(p)
         ax.plot(p.numpy(), (w / w.max().clamp_min(1e-12)).numpy(), label=f"{spec} ({obj.prior})")
     ax.set_xlabel("p (target-token probability)")
@@ -53,7 +56,7 @@ def plot_weights(specs: list[str], path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    specs = args.specs or example_specs()
+    specs = args.specs or example_specs() + adaptive_specs()
     try:
         rows = [describe(s) for s in specs]
     except ObjectiveSpecError as err:
@@ -65,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(r["spec"]) for r in rows)
         print(f"{'spec':{width}}  {'prior':13}  {'W_f peak':>8}  {'centroid':>8}  formula")
         for r in rows:
-            centroid = "batch" if r["weight_centroid"] is None else f"{r['weight_centroid']:.3f}"
-            print(f"{r['spec']:{width}}  {r['prior']:13}  {r['weight_peak']:8.3f}  {centroid:>8}  {r['formula']}")
+            moving = r["weight_peak"] is None
+            centroid = ("m" if moving else "batch") if r["weight_centroid"] is None else f"{r['weight_centroid']:.3f}"
+            peak = f"{'m':>8}" if moving else f"{r['weight_peak']:8.3f}"
+            print(f"{r['spec']:{width}}  {r['prior']:13}  {peak}  {centroid:>8}  {r['formula']}")
     if args.plot:
         plot_weights(specs, args.plot)
         print(f"wrote {args.plot}")

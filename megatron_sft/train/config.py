@@ -60,6 +60,7 @@ class ObjectiveConfig:
     # global: divide by the tokens of the whole global batch (megatron-core's per-token loss);
     # micro_batch: per micro-batch mean, averaged over micro-batches and DP ranks (the reference trainer)
     normalization: Literal["global", "micro_batch"] = "global"
+    adaptive_ema: float = 0.9  # adaptive_* objectives: running mean p = ema * previous + (1 - ema) * this step's
 
 
 @dataclass
@@ -256,6 +257,8 @@ def validate(config: Config) -> None:
     vp = config.parallel.virtual_pipeline
     if vp is not None and (vp < 2 or config.parallel.pipeline < 2):
         raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2 (or null)")
+    if not 0.0 <= config.objective.adaptive_ema < 1.0:
+        raise ConfigError(f"objective.adaptive_ema must be in [0, 1), got {config.objective.adaptive_ema}")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"train.max_steps must be >= 1 or null, got {t.max_steps}")
 
@@ -286,6 +289,7 @@ FIELD_HELP = {
     "objective.reduction": "token_mean over the global batch | sequence_mean (each sequence's mean, averaged)",
     "objective.denominator": "selected: count only tokens a threshold/percentile keeps | valid: all response tokens",
     "objective.normalization": "global: divide by the global batch's count | micro_batch: per micro-batch mean (reference trainer)",
+    "objective.adaptive_ema": "adaptive_alpha / adaptive_mix: weight of the previous running mean p in its moving average",
     "train.global_batch_size": "rows per optimizer step (packed rows when data.packing)",
     "train.micro_batch_size": "rows per forward/backward on one rank; the rest is gradient accumulation",
     "train.epochs": "passes over the data; the LR schedule spans them all",
@@ -335,3 +339,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     _apply(config, data, "config")
     validate(config)
     return config
+
+
+def check_checkpoint_exists(config: Config) -> None:
+    """model.checkpoint must be a megatron-sft checkpoint (checked at start, not by :func:`validate`, so that
+    configs can be written and inspected before the checkpoint exists)."""
+    path = Path(config.model.checkpoint)
+    if not (path / "model_args.json").is_file():
+        raise ConfigError(f"model.checkpoint {path} is not a megatron-sft checkpoint (no model_args.json); convert the "
+                          "base model with `megatron-sft convert hf-to-mcore --hf HF_DIR --out CKPT`")

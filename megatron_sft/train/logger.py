@@ -107,6 +107,8 @@ def format_line(step: int, total: int, epoch: float, m: dict[str, Any]) -> str:
         parts.append(f"loss {m['loss']:.4f}")
     if "mean_p" in m:
         parts.append(f"mean_p {m['mean_p']:.4f}")
+    if m.get("objective"):
+        parts.append(f"objective {m['objective']}")
     if m.get("selected_fraction") is not None and m["selected_fraction"] < 1.0:
         parts.append(f"selected {m['selected_fraction']:.3f}")
     if "lr" in m:

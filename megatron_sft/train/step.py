@@ -45,6 +45,8 @@ class StepResult:
     seconds: float
     tokens: int  # non-padding tokens in the global batch
     stats: dict = field(default_factory=dict)
+    objective: str = ""  # the objective this step trained with (adaptive ones resolve per step)
+    adaptive_parameter: Optional[float] = None  # its alpha / mixture weight, for adaptive objectives
 
 
 class StepRunner:
@@ -56,6 +58,15 @@ class StepRunner:
         self.cfg = objective_cfg
         self.vocab_size = model.args.vocab_size
         self.use_thd = transformer_engine_available()
+        # adaptive objectives: exponential moving average of the global batches' mean token p, updated after
+        # every step; measured on the first step's batch when unset (saved in checkpoints for resume)
+        self.running_mean_p: Optional[float] = None
+
+    def current_objective(self) -> Objective:
+        """The objective as it stands now (an adaptive one resolved at the running mean p)."""
+        if not self.objective.is_adaptive:
+            return self.objective
+        return self.objective.at(self.running_mean_p if self.running_mean_p is not None else 0.0)
 
     # ---- the forward step handed to megatron-core's schedules ------------------------------------
     def _forward_step(self, objective: Objective, sink: list, collect_p: bool = False):
@@ -109,6 +120,10 @@ class StepRunner:
         measures every token's p first, and the step trains with the resulting fixed p cutoff."""
         from megatron.core import parallel_state as ps
 
+        if self.objective.is_adaptive:
+            if self.running_mean_p is None:
+                self.running_mean_p = self._measure_mean_p(micro_batches)
+            return self.current_objective()
         if not self.objective.needs_batch_statistics or len(micro_batches) == 1:
             return self.objective
         collected: list[torch.Tensor] = []
@@ -120,6 +135,28 @@ class StepRunner:
             cutoff[0] = -1.0 if value is None else value
         # the loss runs on the last stage only; other stages do not need the cutoff
         return self.objective.with_fixed_cutoff(float(cutoff[0])) if float(cutoff[0]) >= 0 else self.objective
+
+    def _measure_mean_p(self, micro_batches: list[dict]) -> float:
+        """Mean token p over the global batch, forward only (identical on every rank)."""
+        from megatron.core import parallel_state as ps
+
+        collected: list[torch.Tensor] = []
+        probe = self.objective.at(0.0)  # any resolved objective: only p is collected
+        with torch.no_grad():
+            self._run(micro_batches, self._forward_step(probe, collected, collect_p=True), forward_only=True)
+        totals = torch.zeros(2, dtype=torch.float64, device=current_device())
+        if collected and ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+            p = torch.cat(collected).double()
+            totals[0], totals[1] = p.sum(), p.numel()
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        return float(totals[0] / totals[1].clamp_min(1.0))
+
+    def _update_running_mean_p(self, step_mean_p: float) -> None:
+        if self.objective.is_adaptive and math.isfinite(step_mean_p):
+            beta = self.cfg.adaptive_ema
+            previous = step_mean_p if self.running_mean_p is None else self.running_mean_p
+            self.running_mean_p = beta * previous + (1.0 - beta) * step_mean_p
 
     # ---- a training step ---------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict], on_nonfinite: str = "halt") -> StepResult:
@@ -146,9 +183,13 @@ class StepRunner:
         model.scheduler.step(increment=1)
         tokens = int(sum(int((mb["sequence_ids"] >= 0).sum()) for mb in micro_batches))
         tokens = int(self._sum_over_dp(torch.tensor([float(tokens)], device=current_device()))[0])
+        mean_p = stats["sum_p"] / max(stats["valid"], 1.0)
+        parameter = self.objective.adaptive.parameter(self.running_mean_p) if self.objective.is_adaptive else None
+        if not skipped:
+            self._update_running_mean_p(mean_p)
         return StepResult(
             loss=loss,
-            mean_p=stats["sum_p"] / max(stats["valid"], 1.0),
+            mean_p=mean_p,
             selected_fraction=stats["selected"] / max(stats["valid"], 1.0),
             grad_norm=None if grad_norm is None else float(grad_norm),
             lr=lr,
@@ -156,6 +197,8 @@ class StepRunner:
             seconds=time.perf_counter() - started,
             tokens=tokens,
             stats=stats,
+            objective=objective.spec,
+            adaptive_parameter=parameter,
         )
 
     def evaluate(self, micro_batches: list[dict]) -> dict[str, float]:
@@ -165,7 +208,7 @@ class StepRunner:
         sink: list[torch.Tensor] = []
         set_train_mode(self.model, False)
         with torch.no_grad():
-            self._run(micro_batches, self._forward_step(self.objective, sink), forward_only=True)
+            self._run(micro_batches, self._forward_step(self.current_objective(), sink), forward_only=True)
         set_train_mode(self.model, True)
         stats = self._reduce_stats(sink)
         return {"loss": self._loss_value(stats), "mean_p": stats["sum_p"] / max(stats["valid"], 1.0)}

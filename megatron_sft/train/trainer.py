@@ -25,7 +25,7 @@ from megatron_sft.train.batches import BatchShape, TrainingRows, load_rows, roun
 from megatron_sft.train.checkpointing import (
     latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
 )
-from megatron_sft.train.config import Config, ConfigError
+from megatron_sft.train.config import Config, ConfigError, check_checkpoint_exists
 from megatron_sft.train.logger import RunLogger, flops_per_token, peak_flops
 from megatron_sft.train.model_setup import build_training_model
 from megatron_sft.train.step import StepRunner
@@ -110,6 +110,7 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
         raise ConfigError(f"interleaved pipelining needs the micro-batches per rank ({num_micro}) to be a multiple of "
                           f"parallel.pipeline ({par.pipeline}); raise train.global_batch_size")
 
+    check_checkpoint_exists(cfg)
     tokenizer_dir = Path(cfg.model.checkpoint) / TOKENIZER_DIR
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     data = load_rows(cfg.data.train, cfg.data, tokenizer)
@@ -129,6 +130,7 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
         state = load_training_checkpoint(model, existing)
         sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
+        runner.running_mean_p = state.get("running_mean_p")
 
     log = RunLogger(out, cfg.log, run_steps, start_step, enabled=main, run_config=cfg.to_dict())
     if main:
@@ -155,7 +157,8 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
     first_p = last_p = None
     saved: Optional[Path] = existing
     step = start_step
-    trainer_state = lambda: {"sampler": sampler.state_dict(), "data_rows": len(data.rows)}  # noqa: E731
+    trainer_state = lambda: {"sampler": sampler.state_dict(), "data_rows": len(data.rows),  # noqa: E731
+                             "running_mean_p": runner.running_mean_p}
     stopped = False
     while step < run_steps:
         epoch, epoch_step, rows = sampler.next_step()
@@ -172,6 +175,8 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
             "step_seconds": result.seconds, "mfu": tokens_per_s * flops_token / (peak * world) if peak else None,
             "skipped": result.skipped,
         }
+        if result.adaptive_parameter is not None:
+            metrics.update(objective=result.objective, adaptive_parameter=result.adaptive_parameter)
         if eval_data is not None and t.eval_every_steps and (step % t.eval_every_steps == 0 or step == run_steps):
             evaluation = evaluate_rows(runner, shape, eval_data, dp, dp_rank, par.pipeline if par.virtual_pipeline else 1)
             metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
