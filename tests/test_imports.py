@@ -32,7 +32,8 @@ def test_every_module_imports_without_gpu_extras():
 def test_cli_help_lists_commands():
     result = subprocess.run([sys.executable, "-m", "megatron_sft", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0
-    for command in ("train", "convert", "prepare", "sbatch", "sweep", "demo", "objectives", "selftest"):
+    for command in ("train", "convert", "prepare", "probe", "sbatch", "sweep", "demo", "continuum", "objectives",
+                    "selftest"):
         assert command in result.stdout
 
 

@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="comma-separated objective specs (default nll,neg_p,adaptive_mix)")
     parser.add_argument("--epochs", type=int, default=4, help="SFT epochs per run (default 4)")
     parser.add_argument("--train-rows", type=int, default=512, help="SFT rows per task (default 512)")
-    parser.add_argument("--base-steps", type=int, default=450, help="pre-training steps on the prior task (default 450)")
+    parser.add_argument("--base-steps", type=int, default=1500,
+                        help="pre-training steps on the prior task (default 1500: its mean p lands in the model-strong range)")
     parser.add_argument("--lr", type=float, default=3e-3, help="SFT learning rate (default 3e-3)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.set_defaults(run=run)
