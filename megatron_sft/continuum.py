@@ -24,8 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from megatron_sft.demo import (LETTERS, SHIFT_BY_ONE, exact_match_accuracy, letter_task_rows, pretrain_base_model,
-                               token_accuracy_and_mean_p, write_jsonl)
+from megatron_sft.demo import (LETTERS, SHIFT_BY_ONE, exact_match_accuracy, fresh_output_dir, letter_task_rows,
+                               pretrain_base_model, token_accuracy_and_mean_p, write_jsonl)
 
 DEFAULT_OBJECTIVES = ("nll", "neg_p", "adaptive_mix")
 
@@ -67,12 +67,7 @@ def run_continuum(out: str | Path, objectives: tuple[str, ...] = DEFAULT_OBJECTI
     from megatron_sft.train.config import load_config
 
     started = time.perf_counter()
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    (out / "data").mkdir(parents=True)
+    out = fresh_output_dir(out, overwrite)
     tasks = {"prior (shift by one)": SHIFT_BY_ONE, "novel (substitution cipher)": cipher_mapping(seed=11)}
     held_out = letter_task_rows(200, seed=1, mapping=SHIFT_BY_ONE)  # prompts; each task maps them its own way
     used = {r["prompt"] for r in held_out}

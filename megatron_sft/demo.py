@@ -129,6 +129,19 @@ def pretrain_base_model(model_dir: Path, rows: list[dict[str, str]], steps: int,
     model.eval().save_pretrained(str(model_dir))
 
 
+def fresh_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """An empty OUT with OUT/data/; an existing OUT is replaced only with ``overwrite``."""
+    import shutil
+
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
+        shutil.rmtree(out)
+    (out / "data").mkdir(parents=True)
+    return out
+
+
 @dataclass
 class DemoResult:
     base_accuracy: float  # exact match, greedy decoding
@@ -151,14 +164,7 @@ def run_demo(out: str | Path, nproc: int = 2, tensor_parallel: int = 2, objectiv
     from megatron_sft.train.config import load_config
 
     started = time.perf_counter()
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-        import shutil
-
-        shutil.rmtree(out)
-    (out / "data").mkdir(parents=True)
+    out = fresh_output_dir(out, overwrite)
     held_out = shift_task_rows(200, seed=1)
     base_rows = shift_task_rows(400, seed=2, exclude={r["prompt"] for r in held_out})
     train_rows = shift_task_rows(512, seed=3, exclude={r["prompt"] for r in held_out + base_rows})
