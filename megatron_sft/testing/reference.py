@@ -23,6 +23,8 @@ def reference_value(name: str, arg: float | None, logp: torch.Tensor) -> torch.T
         return -p.detach() * logp
     if name == "focal":
         return -((1 - p) ** arg) * logp
+    if name == "mix":
+        return (1 - arg) * (-logp) + arg * (1 - p)
     raise KeyError(name)
 
 
