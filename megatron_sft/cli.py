@@ -7,9 +7,10 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_sft import __version__
-from megatron_sft.commands import continuum, convert, demo, objectives, prepare, probe, sbatch, selftest, train
+from megatron_sft.commands import (compare, continuum, convert, demo, eval, objectives, prepare, probe, sbatch, selftest,
+                                   train)
 
-COMMANDS = (train, convert, prepare, probe, sbatch, demo, continuum, objectives, selftest)
+COMMANDS = (train, convert, prepare, probe, eval, compare, sbatch, demo, continuum, objectives, selftest)
 
 
 def build_parser() -> argparse.ArgumentParser:

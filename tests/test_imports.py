@@ -32,8 +32,8 @@ def test_every_module_imports_without_gpu_extras():
 def test_cli_help_lists_commands():
     result = subprocess.run([sys.executable, "-m", "megatron_sft", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0
-    for command in ("train", "convert", "prepare", "probe", "sbatch", "sweep", "demo", "continuum", "objectives",
-                    "selftest"):
+    for command in ("train", "convert", "prepare", "probe", "eval", "compare", "sbatch", "sweep", "demo", "continuum",
+                    "objectives", "selftest"):
         assert command in result.stdout
 
 
@@ -64,3 +64,17 @@ def test_train_help_explains_every_config_key():
             continue
         for key in dataclasses.fields(section.default_factory()):
             assert f"{section.name}.{key.name} = " in result.stdout, f"{section.name}.{key.name} missing from --help"
+
+
+def test_eval_help_explains_every_setting_and_benchmark():
+    from megatron_sft.evaluation.benchmarks import BENCHMARKS
+    from megatron_sft.evaluation.runner import config_fields
+
+    result = subprocess.run([sys.executable, "-m", "megatron_sft", "eval", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for field in config_fields():
+        assert "--" + field.name.replace("_", "-") in text and " ".join(field.metadata["help"].split()) in text
+    for name in BENCHMARKS:
+        assert name in text

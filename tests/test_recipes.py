@@ -179,3 +179,19 @@ def test_sweep_dry_run_prints_every_config_and_writes_nothing(tmp_path):
     assert not (tmp_path / "jobs").exists()
     bad = run_cli("sweep", "alpha", "--values", "0.5,x", cwd=tmp_path)
     assert bad.returncode == 2 and "expected comma-separated numbers" in bad.stdout
+
+
+def test_eval_stage_runs_each_datasets_benchmarks():
+    from megatron_sft.recipes.datasets import RECIPES
+    from megatron_sft.recipes.jobs import JobError, eval_stage
+
+    assert eval_stage("math", None) == (["math500", "minerva", "olympiadbench", "aime24", "amc23"], [])
+    assert eval_stage("medical", None)[0] == ["medqa", "medmcqa", "mmlu_pro_medical", "gpqa_medical",
+                                               "medbullets_op4", "medbullets_op5", "pubmedqa"]
+    assert eval_stage("coder", None) == (["humaneval_plus", "mbpp_plus"], [])
+    assert eval_stage("instruction_tuning", None) == ([], ["alpacaeval"])  # needs an LLM judge
+    assert eval_stage("math", "none") == ([], []) and eval_stage("math", "aime24,amc23") == (["aime24", "amc23"], [])
+    with pytest.raises(JobError, match="--eval-benchmarks: unknown benchmark"):
+        eval_stage("math", "gsm8k")
+    for name in RECIPES:
+        eval_stage(name, None)

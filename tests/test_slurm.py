@@ -103,6 +103,7 @@ def test_sweep_submit_script_chains_arrays(tmp_path):
     assert "--array=0-2 " in submit  # one conversion per base model
     assert '--dependency="afterok:$convert" --array=0-5%2' in submit  # training waits for every conversion
     assert '--dependency="aftercorr:$train" --array=0-5%2' in submit  # each export follows its own training task
+    assert "# not evaluated here: alpacaeval" in submit and "eval.sbatch" not in submit  # judge-based: no eval job
     tensor = {Path(r).stem: __import__("yaml").safe_load(Path(r).read_text())["parallel"]["tensor"] for r in runs}
     assert tensor == {"instruction_tuning_qwen2.5-3b_nll": 1, "instruction_tuning_qwen2.5-3b_neg_p": 1,
                       "instruction_tuning_qwen-2.5-7b_nll": 2, "instruction_tuning_qwen-2.5-7b_neg_p": 2,
@@ -111,17 +112,19 @@ def test_sweep_submit_script_chains_arrays(tmp_path):
 
 def test_pipeline_convert_train_export_on_fake_slurm(workdir):
     """submit.sh -> convert -> train on 2 "nodes" x 1 GPU (one torchrun per node, c10d rendezvous, TP=2 across
-    them) -> export, with sbatch dependencies."""
+    them) -> export -> eval (figfont, transformers backend on CPU), with sbatch dependencies."""
     job_dir = generate(workdir, "pipeline", "nll", "--set", "train.epochs=1", "--nodes", "2", "--gpus-per-node", "1")
     state = workdir / "state_pipeline"
     env = fake_slurm_env(state)
+    env["MEGATRON_SFT_EVAL_ARGS"] = "--backend hf --limit 3 --max-tokens 4 --grader-workers 1"
     done = subprocess.run(["bash", str(job_dir / "submit.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr + fake_logs(state)
-    convert_id, train_id, export_id = (job_dir / "job_ids").read_text().split()
-    for job in (convert_id, train_id, export_id):
+    convert_id, train_id, export_id, eval_id = (job_dir / "job_ids").read_text().split()
+    for job in (convert_id, train_id, export_id, eval_id):
         assert (state / f"job_{job}.rc").read_text().strip() == "0", fake_logs(state)
     options = (state / "sbatch_options").read_text().splitlines()
     assert f"--dependency=afterok:{convert_id}" in options and f"--dependency=afterok:{train_id}" in options
+    assert f"--dependency=afterok:{export_id}" in options
 
     run = workdir / "runs" / "figfont_qwen-2.5-1.5b_nll"
     completed = json.loads((run / "COMPLETED").read_text())
@@ -140,6 +143,10 @@ def test_pipeline_convert_train_export_on_fake_slurm(workdir):
     assert hf.get_input_embeddings().weight.detach().equal(embedding[: hf.config.vocab_size])
     base = AutoModelForCausalLM.from_pretrained(workdir / "models" / "tiny")
     assert not hf.get_input_embeddings().weight.equal(base.get_input_embeddings().weight)  # it trained
+
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["label"] == run.name and results["benchmarks"]["figfont"]["items"] == 3
+    assert len((run / "eval" / "figfont" / "generations.jsonl").read_text().splitlines()) == 3
 
 
 def test_usr1_saves_requeues_and_the_requeued_job_resumes(workdir):

@@ -79,6 +79,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     env.add_argument("--hf-dir", help="one model's HF directory, instead of HF_ROOT/<repo name>")
     env.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value",
                      help="override a training config value in every run (repeatable), e.g. --set train.epochs=3")
+    env.add_argument("--eval-benchmarks", help="benchmarks the eval job runs after export (default: the dataset's, "
+                     "e.g. math -> math500,minerva,olympiadbench,aime24,amc23; 'none': no eval job). Extra eval "
+                     "flags go in MEGATRON_SFT_EVAL_ARGS at submit time")
     out = parser.add_argument_group("output")
     out.add_argument("--job-dir", type=Path, help="where to write the job (default: jobs/NAME)")
     out.add_argument("--overwrite", action="store_true", help="replace the files of an existing job directory")
@@ -101,7 +104,7 @@ def _options(args: argparse.Namespace):
         max_concurrent=getattr(args, "max_concurrent", None), setup=setup, container_image=args.container_image,
         container_mounts=args.container_mounts, workdir=args.workdir, data_root=args.data_root,
         checkpoint_root=args.ckpt_root, runs_root=args.runs_root, hf_root=args.hf_root, hf_dir=args.hf_dir,
-        tensor=args.tp, pipeline=args.pp, overrides=list(args.overrides),
+        tensor=args.tp, pipeline=args.pp, overrides=list(args.overrides), eval_benchmarks=args.eval_benchmarks,
     )
 
 

@@ -60,7 +60,8 @@ RECIPES: dict[str, DatasetRecipe] = {recipe.name: recipe for recipe in (
         micro_batch_size=16,
         models={"qwen-2.5-1.5b": ModelSettings(), "qwen-2.5-math-7b": ModelSettings(),
                 "llama-3.2-3b": ModelSettings(), "llama-3.1-8b": ModelSettings(lr=2e-5)},
-        eval_benchmarks=("medqa", "medmcqa", "mmlu_pro_medical", "gpqa_medical", "medbullets", "pubmedqa"),
+        eval_benchmarks=("medqa", "medmcqa", "mmlu_pro_medical", "gpqa_medical", "medbullets_op4",
+                         "medbullets_op5", "pubmedqa"),
         capability="model-intermediate",
     ),
     DatasetRecipe(

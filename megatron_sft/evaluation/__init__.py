@@ -1,0 +1,1 @@
+"""Benchmark evaluation: test sets, generation backends, graders, metrics and tables (``megatron-sft eval``)."""

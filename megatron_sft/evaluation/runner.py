@@ -1,0 +1,310 @@
+"""``megatron-sft eval``: generate, grade, score and tabulate, resumably.
+
+Per benchmark, OUT/BENCH/ holds settings.json (what the generations depend on) and generations.jsonl (one
+line per finished item, samples graded). A rerun with the same settings skips finished items; other settings
+are refused unless --overwrite. OUT/results.json, results.csv and results.md hold the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_sft.evaluation import benchmarks as bm
+from megatron_sft.evaluation.backends import Backend, Completion, Sampling, choose_backend, make_backend
+from megatron_sft.evaluation.metrics import benchmark_metrics, domain_means
+from megatron_sft.evaluation.prompts import encode, render
+from megatron_sft.evaluation.records import append_records, read_records, rewrite_records, write_atomic
+from megatron_sft.evaluation.tables import csv_table, markdown_table
+
+
+@dataclass
+class EvalConfig:
+    model: str = field(default="", metadata={"help": "HF model directory (e.g. a run's exported hf/)"})
+    benchmarks: str = field(default="math", metadata={"help": "benchmarks or domains, comma-separated"})
+    out: str = field(default="eval", metadata={"help": "output directory"})
+    label: str = field(default="", metadata={"help": "name of this run in tables (default: the model directory)"})
+    backend: str = field(default="auto", metadata={"help": "auto (vLLM on GPU when installed, else hf) | vllm | hf"})
+    template: str = field(default="chat", metadata={"help": "chat (tokenizer chat template) | plain"})
+    plain_template: str = field(default="{prompt}\n", metadata={"help": "format string for --template plain"})
+    n: int = field(default=1, metadata={"help": "samples per item (avg@n, pass@k)"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling top_p"})
+    max_tokens: int = field(default=0, metadata={"help": "generation budget (0: the benchmark's default)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    pass_k: str = field(default="", metadata={"help": "k values for pass@k, comma-separated (default 1,2,4..n)"})
+    limit: int = field(default=0, metadata={"help": "first N items of each benchmark (0: all)"})
+    tensor_parallel: int = field(default=1, metadata={"help": "vLLM tensor-parallel GPUs per engine"})
+    data_parallel: int = field(default=0, metadata={"help": "vLLM engines (default 0: all visible GPUs / tensor_parallel)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM GPU memory fraction"})
+    max_model_len: int = field(default=0, metadata={"help": "vLLM context length (0: the model's)"})
+    batch_size: int = field(default=16, metadata={"help": "hf backend: prompts per generate call"})
+    chunk: int = field(default=512, metadata={"help": "items generated and saved per step (resume granularity)"})
+    grader_workers: int = field(default=4, metadata={"help": "grading processes"})
+    grader_timeout: float = field(default=60.0, metadata={"help": "seconds per graded sample before it scores 0"})
+    figfont_seed: int = field(default=2026, metadata={"help": "reasoning-gym seed of the figfont test puzzles"})
+    figfont_size: int = field(default=200, metadata={"help": "figfont test puzzles"})
+    data_dir: str = field(default="", metadata={"help": "test sets (default evaluation/data or $MEGATRON_SFT_EVAL_DATA)"})
+    regrade: bool = field(default=False, metadata={"help": "grade the saved generations again (no generation)"})
+    overwrite: bool = field(default=False, metadata={"help": "discard saved generations made with other settings"})
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required (an HF model directory)")
+        if not Path(self.model).is_dir():
+            raise ValueError(f"--model {self.model}: not a directory (export a run with megatron-sft convert "
+                             "mcore-to-hf, or give an HF model directory)")
+        if self.template not in ("chat", "plain"):
+            raise ValueError(f"--template must be chat or plain, got {self.template!r}")
+        if "{prompt}" not in self.plain_template:
+            raise ValueError("--plain-template must contain {prompt}")
+        if self.data_parallel < 0:
+            raise ValueError("--data-parallel must be >= 0 (0: all visible GPUs)")
+        for name in ("n", "chunk", "grader_workers", "batch_size", "tensor_parallel", "figfont_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if self.n > 1 and self.temperature == 0:
+            print("note: n > 1 with temperature 0 repeats the greedy answer; set --temperature for avg@n / pass@k")
+        self.ks()
+
+    def ks(self) -> Optional[list[int]]:
+        if not self.pass_k:
+            return None
+        try:
+            ks = [int(k) for k in self.pass_k.split(",") if k.strip()]
+        except ValueError:
+            raise ValueError(f"--pass-k must be integers, e.g. 1,4,8; got {self.pass_k!r}") from None
+        if any(k < 1 or k > self.n for k in ks):
+            raise ValueError(f"--pass-k values must be in 1..n={self.n}")
+        return ks
+
+
+def config_fields() -> list[Any]:
+    return list(fields(EvalConfig))
+
+
+def generation_settings(config: EvalConfig, bench: bm.Benchmark, tokenizer_name: str) -> dict[str, Any]:
+    """What the saved generations of ``bench`` depend on (a resumed run must match it)."""
+    settings = {"model": str(Path(config.model).resolve()), "benchmark": bench.name, "template": config.template,
+                "instruction": bench.instruction, "n": config.n, "temperature": config.temperature,
+                "top_p": config.top_p, "max_tokens": config.max_tokens or bench.max_tokens, "seed": config.seed,
+                "tokenizer": tokenizer_name}
+    if config.template == "plain":
+        settings["plain_template"] = config.plain_template
+    if bench.name == "figfont":
+        settings.update(figfont_seed=config.figfont_seed, figfont_size=config.figfont_size)
+    return settings
+
+
+def item_seed(seed: int, item_id: str) -> int:
+    return random.Random(f"{seed}:{item_id}").randrange(2**31)
+
+
+class Evaluation:
+    def __init__(self, config: EvalConfig):
+        from transformers import AutoConfig, AutoTokenizer
+
+        config.validate()
+        self.config = config
+        self.out = Path(config.out)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        model_config = AutoConfig.from_pretrained(config.model)
+        self.context = config.max_model_len or getattr(model_config, "max_position_embeddings", None) or 10**9
+        self.backend_name = choose_backend(config.backend)
+        self._backend: Optional[Backend] = None
+        self.data_dir = Path(config.data_dir) if config.data_dir else None
+        self.options = {"figfont_seed": config.figfont_seed, "figfont_size": config.figfont_size}
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:  # loaded only when something is left to generate
+            c = self.config
+            self._backend = make_backend(self.backend_name, c.model, batch_size=c.batch_size,
+                                         tensor_parallel=c.tensor_parallel, data_parallel=c.data_parallel,
+                                         gpu_memory_utilization=c.gpu_memory_utilization,
+                                         max_model_len=c.max_model_len or None)
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+    # -- one benchmark ------------------------------------------------------------------------------------------
+
+    def run_benchmark(self, bench: bm.Benchmark) -> dict[str, float]:
+        from tqdm import tqdm
+
+        c = self.config
+        bench_dir = self.out / bench.name
+        settings = generation_settings(c, bench, type(self.tokenizer).__name__)
+        self._check_settings(bench_dir, settings)
+        generations = bench_dir / "generations.jsonl"
+        items = bm.load_items(bench, self.data_dir, self.options, c.limit or None)
+        done = read_records(generations)
+        grading = GradingContext(bench, self.data_dir, bench_dir, self.options)
+        if c.regrade and done:
+            self._regrade(bench, done, grading, generations)
+        todo = [item for item in items if item.id not in done]
+        sampling = Sampling(c.n, c.temperature, c.top_p, c.max_tokens or bench.max_tokens)
+        progress = tqdm(total=len(items), initial=len(items) - len(todo), desc=bench.name, unit="item",
+                        dynamic_ncols=True)
+        for start in range(0, len(todo), c.chunk):
+            chunk = todo[start:start + c.chunk]
+            records = self._generate(chunk, bench, sampling)
+            self._grade(records, bench, grading)
+            append_records(generations, records)
+            for record in records:
+                done[record["id"]] = record
+            progress.update(len(chunk))
+        progress.close()
+        scores = [[s["score"] for s in done[item.id]["samples"]] for item in items]
+        metrics = benchmark_metrics(scores, c.ks())
+        samples = [s for item in items for s in done[item.id]["samples"]]
+        metrics["accuracy"] = metrics[f"avg@{c.n}"]
+        metrics["no_answer"] = sum(1 for s in samples if s.get("pred") is None) / len(samples)
+        metrics["truncated"] = sum(1 for s in samples if not s["finished"]) / len(samples)
+        metrics["mean_tokens"] = sum(s["tokens"] for s in samples) / len(samples)
+        if bench.grader == "code":
+            metrics["base_accuracy"] = sum(s.get("base", 0.0) for s in samples) / len(samples)
+        return metrics
+
+    def _check_settings(self, bench_dir: Path, settings: dict) -> None:
+        path = bench_dir / "settings.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != settings:
+                changed = {k: (saved.get(k), settings.get(k)) for k in set(saved) | set(settings)
+                           if saved.get(k) != settings.get(k)}
+                if not self.config.overwrite:
+                    raise ValueError(f"{bench_dir} holds generations made with other settings "
+                                     f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(changed.items()))}); "
+                                     "use another --out, or --overwrite to discard them")
+                shutil.rmtree(bench_dir)
+        bench_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(settings, indent=2) + "\n")
+
+    def _generate(self, items: list[bm.Item], bench: bm.Benchmark, sampling: Sampling) -> list[dict]:
+        c = self.config
+        texts = [render(self.tokenizer, item.question, bench.instruction, c.template, c.plain_template) for item in items]
+        ids = [encode(self.tokenizer, text, c.template) for text in texts]
+        fits = [i for i, p in enumerate(ids) if len(p) < self.context]
+        completions: list[list[Completion]] = [[Completion("", 0, False)] * c.n for _ in items]
+        if fits:
+            generated = self.backend.generate([ids[i] for i in fits], sampling,
+                                              [item_seed(c.seed, items[i].id) for i in fits])
+            for i, result in zip(fits, generated):
+                completions[i] = result
+        records = []
+        for i, (item, text) in enumerate(zip(items, texts)):
+            samples = [{"text": comp.text, "tokens": comp.tokens, "finished": comp.finished} for comp in completions[i]]
+            if i not in fits:
+                for sample in samples:
+                    sample["note"] = f"prompt of {len(ids[i])} tokens does not fit the context of {self.context}"
+            records.append({"id": item.id, "prompt": text, "reference": item.reference, "meta": item.meta,
+                            "samples": samples})
+        return records
+
+    def _grade(self, records: list[dict], bench: bm.Benchmark, grading: "GradingContext") -> None:
+        from megatron_sft.evaluation.graders import grade
+        from megatron_sft.evaluation.workers import grade_in_workers
+
+        tasks, where = [], []
+        grading.prepare(records)
+        for r, record in enumerate(records):
+            meta = grading.meta(record)
+            for s, sample in enumerate(record["samples"]):
+                tasks.append((bench.grader, sample["text"], record["reference"], meta))
+                where.append((r, s))
+        timeout = self.config.grader_timeout * (4 if bench.grader == "code" else 1)
+        results = grade_in_workers(grade, tasks, self.config.grader_workers, timeout)
+        for (r, s), result in zip(where, results):
+            sample = records[r]["samples"][s]
+            for key in ("score", "pred", "error", "partial", "base", "status"):
+                sample.pop(key, None)
+            sample.update({"pred": None, **result})
+
+    def _regrade(self, bench: bm.Benchmark, done: dict[str, dict], grading: "GradingContext", path: Path) -> None:
+        records = list(done.values())
+        print(f"{bench.name}: grading {len(records)} saved items again")
+        self._grade(records, bench, grading)
+        rewrite_records(path, records)
+
+    # -- all benchmarks -----------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        c = self.config
+        chosen = bm.resolve_benchmarks(c.benchmarks)
+        self.out.mkdir(parents=True, exist_ok=True)
+        previous = self.out / "results.json"
+        results = json.loads(previous.read_text()) if previous.is_file() else {"benchmarks": {}}
+        results.update({"model": str(Path(c.model).resolve()), "label": c.label or Path(c.model).resolve().name,
+                        "backend": self.backend_name, "config": asdict(c)})
+        started = time.time()
+        try:
+            for bench in chosen:
+                metrics = self.run_benchmark(bench)
+                results["benchmarks"][bench.name] = {"title": bench.title, "domain": bench.domain, **metrics}
+                self._write(results)
+                print(f"{bench.name}: accuracy {100 * metrics['accuracy']:.1f}% over {int(metrics['items'])} items "
+                      f"x {int(metrics['samples'])} samples (no answer {100 * metrics['no_answer']:.0f}%, "
+                      f"truncated {100 * metrics['truncated']:.0f}%)", flush=True)
+        finally:
+            self.close()
+        results["seconds"] = round(time.time() - started, 1)
+        self._write(results)
+        return results
+
+    def _write(self, results: dict) -> None:
+        domains = {name: m["domain"] for name, m in results["benchmarks"].items()}
+        results["domains"] = {d: {"accuracy": v} for d, v in
+                              domain_means(results["benchmarks"], domains, "accuracy").items()}
+        write_atomic(self.out / "results.json", json.dumps(results, indent=2) + "\n")
+        label = [results["label"]]
+        write_atomic(self.out / "results.md", markdown_table([results], label))
+        write_atomic(self.out / "results.csv", csv_table([results], label))
+
+
+class GradingContext:
+    """What graders need beyond the record: the options (stored), and for code the evalplus problem and its
+    expected outputs (computed once, cached in the benchmark directory)."""
+
+    def __init__(self, bench: bm.Benchmark, data_dir: Optional[Path], bench_dir: Path, options: dict):
+        self.bench = bench
+        self.problems: dict[str, dict] = {}
+        self.expected: dict[str, dict] = {}
+        if bench.grader == "code":
+            from megatron_sft.evaluation.code_tasks import evalplus_dataset, load_problems
+
+            self.dataset = evalplus_dataset(bench.name)
+            self.problems = load_problems((data_dir or bm.default_data_dir()) / bench.source, self.dataset)
+            self.cache = bench_dir / "expected_outputs.pkl"
+
+    def prepare(self, records: list[dict]) -> None:
+        """Expected outputs of the code tasks among ``records``, computed in one go."""
+        if self.bench.grader == "code":
+            from megatron_sft.evaluation.code_tasks import expected_outputs
+
+            missing = [r["reference"] for r in records if r["reference"] not in self.expected]
+            for task_id in missing:
+                if task_id not in self.problems:
+                    raise bm.BenchmarkError(f"{self.bench.name}: task {task_id!r} of the saved generations is not "
+                                            f"in {self.bench.source}")
+            if missing:
+                self.expected.update(expected_outputs(self.problems, missing, self.dataset, self.cache))
+
+    def meta(self, record: dict) -> dict:
+        if self.bench.grader != "code":
+            return record.get("meta", {})
+        task_id = record["reference"]
+        return {"dataset": self.dataset, "problem": self.problems[task_id], "expected": self.expected[task_id]}
+
+
+def evaluate(config: EvalConfig) -> dict:
+    return Evaluation(config).run()
