@@ -116,6 +116,17 @@ def test_code_grader_runs_evalplus_tests(tmp_path):
     assert grade("code", hostile, "HumanEval/0", meta)["score"] == 0.0  # evalplus disables os.system
 
 
+def test_find_zero_checks_the_root_not_the_output(tmp_path):
+    """HumanEval/32 is graded by |poly(xs, x)| <= atol (evalplus's special oracle, run through a wrapper; evalplus
+    0.3.1 itself fails every solution of it, the canonical one included)."""
+    problem, meta = code_meta(tmp_path, "humaneval_plus", "HumanEval/32")
+    canonical = f"```python\n{problem['prompt']}{problem['canonical_solution']}\n```"
+    assert grade("code", canonical, "HumanEval/32", meta)["score"] == 1.0
+    not_a_root = "```python\nimport math\ndef poly(xs, x):\n    return sum(c * math.pow(x, i) for i, c in enumerate(xs))\n" \
+        "def find_zero(xs):\n    return 0.0\n```"
+    assert grade("code", not_a_root, "HumanEval/32", meta)["score"] == 0.0
+
+
 def test_code_grader_mbpp(tmp_path):
     problem, meta = code_meta(tmp_path, "mbpp_plus", "Mbpp/2")
     right = "```python\ndef similar_elements(a, b):\n    return tuple(set(a) & set(b))\n```"

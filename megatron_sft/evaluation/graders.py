@@ -59,18 +59,38 @@ def grade_figfont(completion: str, reference: dict, meta: dict) -> dict:
     return {"score": 1.0 if partial >= 1.0 else 0.0, "pred": answer, "partial": partial}
 
 
+FIND_ZERO_CHECK = "_megatron_sft_find_zero_check"
+
+
+def _find_zero_oracle(problem: dict, solution: str, expected: dict) -> tuple[dict, str, dict]:
+    """HumanEval/32 (find_zero) has many right answers, so evalplus checks |poly(xs, x)| <= atol instead of
+    comparing outputs; in evalplus 0.3.1 that branch skips recording the input as passed, so no solution,
+    the canonical one included, can pass. The same check runs here as a wrapper entry point whose expected
+    output is True for every input."""
+    wrapper = (f"\n\ndef {FIND_ZERO_CHECK}(xs):\n    import math\n    x = find_zero(list(xs))\n"
+               f"    return abs(sum(c * math.pow(x, i) for i, c in enumerate(xs))) <= {problem['atol']!r}\n")
+    checked = dict(problem, entry_point=FIND_ZERO_CHECK)
+    truth = {split: [True] * len(problem[f"{split}_input"]) for split in ("base", "plus")}
+    truth.update({f"{split}_time": expected[f"{split}_time"] for split in ("base", "plus")})
+    return checked, solution + wrapper, truth
+
+
 def grade_code(completion: str, reference: Any, meta: dict) -> dict:
     """meta: ``dataset`` (humaneval | mbpp), ``problem`` (evalplus record with inputs), ``expected`` (outputs
-    and times of the canonical solution)."""
+    and times of the canonical solution). Stops at the first failing input (evalplus ``fast_check``)."""
     from evalplus.eval import PASS
     from evalplus.evaluate import check_correctness
     from evalplus.sanitize import sanitize
 
-    problem = meta["problem"]
+    problem, expected = meta["problem"], meta["expected"]
     solution = sanitize(completion, problem["entry_point"])
     if not solution.strip():
         return {"score": 0.0, "pred": None, "error": "no code found"}
-    result = check_correctness(meta["dataset"], 0, problem, solution, meta["expected"], fast_check=True)
+    if meta["dataset"] == "humaneval" and problem["entry_point"] == "find_zero":
+        problem, checked_solution, expected = _find_zero_oracle(problem, solution, expected)
+    else:
+        checked_solution = solution
+    result = check_correctness(meta["dataset"], 0, problem, checked_solution, expected, fast_check=True)
     base, plus = result["base"][0], result["plus"][0]
     return {"score": 1.0 if base == PASS and plus == PASS else 0.0, "pred": solution[:4000],
             "base": 1.0 if base == PASS else 0.0, "status": {"base": base, "plus": plus}}
