@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 from megatron_sft.evaluation import benchmarks as bm
+from megatron_sft.evaluation.extraction import last_boxed
 from megatron_sft.evaluation.graders import grade
 from megatron_sft.evaluation.runner import GradingContext
 from megatron_sft.evaluation.workers import grade_in_workers
@@ -26,10 +29,10 @@ def right_answers(bench: bm.Benchmark, items: list[bm.Item], data_dir) -> list[s
     if bench.grader == "math":
         solutions = {}
         if bench.name in ("math500", "minerva"):
-            rows = bm._jsonl(data_dir / bench.source)
+            rows = bm.read_jsonl(data_dir / bench.source)
             key = "unique_id" if bench.name == "math500" else "idx"
             solutions = {str(r.get(key, n)): r["solution"] for n, r in enumerate(rows)}
-        return [solutions.get(item.id) if bm.last_boxed(solutions.get(item.id, "")) else f"\\boxed{{{item.reference}}}"
+        return [solutions.get(item.id) if last_boxed(solutions.get(item.id, "")) else f"\\boxed{{{item.reference}}}"
                 for item in items]
     if bench.grader == "choice":
         return [f"\\boxed{{{item.reference}}}" for item in items]
@@ -53,9 +56,6 @@ def main() -> None:
     for bench in bm.resolve_benchmarks(args.benchmarks):
         items = bm.load_items(bench, data_dir, {}, args.limit or None)
         answers = right_answers(bench, items, data_dir)
-        import tempfile
-        from pathlib import Path
-
         with tempfile.TemporaryDirectory() as tmp:
             context = GradingContext(bench, data_dir, Path(tmp), {})
             records = [{"id": i.id, "reference": i.reference, "meta": i.meta} for i in items]

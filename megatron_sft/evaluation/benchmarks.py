@@ -59,10 +59,17 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "evaluation" / "data"
 
 
-def _jsonl(path: Path) -> list[dict]:
+def existing(path: Path) -> Path:
+    """``path``, or a BenchmarkError saying where test sets are looked for."""
     if not path.is_file():
         raise BenchmarkError(f"{path}: test set not found; point --data-dir (or MEGATRON_SFT_EVAL_DATA) at a copy "
                              "of evaluation/data")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a (gzipped) jsonl test set; a bad line fails naming FILE:LINE."""
+    existing(path)
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
@@ -97,7 +104,7 @@ def _literal(value: Any) -> Any:
 def _load_math(bench: Benchmark, data_dir: Path, options: dict) -> list[Item]:
     path = data_dir / bench.source
     items = []
-    for number, row in enumerate(_jsonl(path), start=1):
+    for number, row in enumerate(read_jsonl(path), start=1):
         where = f"{path}:{number}"
         if bench.name == "minerva":
             question, answer = _require(row, "problem", where), last_boxed(_require(row, "solution", where))
@@ -137,7 +144,7 @@ def _choice_item(item_id: str, question: str, options: dict[str, str], answer: s
 def _load_mcq_jsonl(bench: Benchmark, data_dir: Path, options: dict) -> list[Item]:
     path = data_dir / bench.source
     items = []
-    for number, row in enumerate(_jsonl(path), start=1):
+    for number, row in enumerate(read_jsonl(path), start=1):
         where = f"{path}:{number}"
         choices = _literal(_require(row, "options", where))
         if not isinstance(choices, dict):
@@ -148,9 +155,7 @@ def _load_mcq_jsonl(bench: Benchmark, data_dir: Path, options: dict) -> list[Ite
 
 
 def _load_medbullets(bench: Benchmark, data_dir: Path, options: dict) -> list[Item]:
-    path = data_dir / bench.source
-    if not path.is_file():
-        raise BenchmarkError(f"{path}: test set not found; point --data-dir at a copy of evaluation/data")
+    path = existing(data_dir / bench.source)
     columns = json.loads(path.read_text(encoding="utf-8"))  # pandas "columns" layout: field -> {row: value}
     items = []
     for key in sorted(columns["question"], key=int):
@@ -162,10 +167,8 @@ def _load_medbullets(bench: Benchmark, data_dir: Path, options: dict) -> list[It
 
 
 def _load_pubmedqa(bench: Benchmark, data_dir: Path, options: dict) -> list[Item]:
-    labelled, test_ids = data_dir / "medical" / "ori_pqal.json", data_dir / "medical" / "test_ground_truth.json"
-    for path in (labelled, test_ids):
-        if not path.is_file():
-            raise BenchmarkError(f"{path}: PubMedQA file not found; point --data-dir at a copy of evaluation/data")
+    labelled = existing(data_dir / "medical" / "ori_pqal.json")
+    test_ids = existing(data_dir / "medical" / "test_ground_truth.json")
     records, truth = json.loads(labelled.read_text()), json.loads(test_ids.read_text())
     letters = {"yes": "A", "no": "B", "maybe": "C"}
     items = []
@@ -201,7 +204,7 @@ def _load_figfont(bench: Benchmark, data_dir: Path, options: dict) -> list[Item]
 def read_evalplus(path: Path) -> dict[str, dict]:
     """The evalplus problems of a (gzipped) jsonl copy, by task_id."""
     problems = {}
-    for number, row in enumerate(_jsonl(path), start=1):
+    for number, row in enumerate(read_jsonl(path), start=1):
         for key in ("task_id", "prompt", "entry_point"):
             _require(row, key, f"{path}:{number}")
         problems[row["task_id"]] = row

@@ -8,6 +8,7 @@ plus tests with evalplus's time and memory limits.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from megatron_sft.evaluation.extraction import extract_choice, last_boxed
@@ -48,14 +49,19 @@ def figfont_answer(completion: str) -> str:
     return lines[0] if lines else ""
 
 
-def grade_figfont(completion: str, reference: dict, meta: dict) -> dict:
+@lru_cache(maxsize=1)
+def _figlet_scorer() -> Any:
+    """reasoning-gym scores through a dataset object; one per grading process (its score uses only the entry)."""
     import reasoning_gym
 
+    return reasoning_gym.create_dataset("figlet_font", seed=0, size=1)
+
+
+def grade_figfont(completion: str, reference: dict, meta: dict) -> dict:
     answer = figfont_answer(completion)
     if not answer:
         return {"score": 0.0, "pred": None, "error": "empty answer"}
-    scorer = reasoning_gym.create_dataset("figlet_font", seed=0, size=1)
-    partial = float(scorer.score_answer(answer, reference))
+    partial = float(_figlet_scorer().score_answer(answer, reference))
     return {"score": 1.0 if partial >= 1.0 else 0.0, "pred": answer, "partial": partial}
 
 

@@ -103,6 +103,9 @@ def generation_settings(config: EvalConfig, bench: bm.Benchmark, tokenizer_name:
     return settings
 
 
+GENERATION_FIELDS = ("text", "tokens", "finished", "note")  # what a sample keeps from generation; the rest is grading
+
+
 def item_seed(seed: int, item_id: str) -> int:
     return random.Random(f"{seed}:{item_id}").randrange(2**31)
 
@@ -224,11 +227,11 @@ class Evaluation:
                 where.append((r, s))
         timeout = self.config.grader_timeout * (4 if bench.grader == "code" else 1)
         results = grade_in_workers(grade, tasks, self.config.grader_workers, timeout)
-        for (r, s), result in zip(where, results):
+        for (r, s), result in zip(where, results):  # a re-grade replaces every earlier grading field
             sample = records[r]["samples"][s]
-            for key in ("score", "pred", "error", "partial", "base", "status"):
-                sample.pop(key, None)
-            sample.update({"pred": None, **result})
+            generated = {key: sample[key] for key in GENERATION_FIELDS if key in sample}
+            sample.clear()
+            sample.update({**generated, "pred": None, **result})
 
     def _regrade(self, bench: bm.Benchmark, done: dict[str, dict], grading: "GradingContext", path: Path) -> None:
         records = list(done.values())

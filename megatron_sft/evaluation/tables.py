@@ -32,8 +32,9 @@ def columns(runs: list[dict]) -> list[tuple[str, str, str]]:
     for bench in BENCHMARKS.values():
         if bench.name in present and bench.domain not in domains:
             domains.append(bench.domain)
-    for name in sorted(present - set(BENCHMARKS)):
-        raise ValueError(f"results name an unknown benchmark {name!r}")
+    unknown = sorted(present - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"results name unknown benchmarks {unknown}")
     for domain in domains:
         names = [b.name for b in BENCHMARKS.values() if b.domain == domain and b.name in present]
         out += [("bench", n, BENCHMARKS[n].title) for n in names]
