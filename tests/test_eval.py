@@ -272,6 +272,17 @@ def test_eval_errors_are_clear(tiny_model, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "missing")]) == 2
 
 
+def test_eval_config_file_with_flags_winning(tiny_model, tmp_path):
+    (tmp_path / "c.yaml").write_text("benchmarks: [amc23, aime24]\nmax_tokens: 3\nlimit: 1\nbackend: hf\n")
+    out = tmp_path / "o"
+    assert main(["eval", "--config", str(tmp_path / "c.yaml"), "--model", str(tiny_model), "--out", str(out),
+                 "--max-tokens", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["benchmarks"]) == ["amc23", "aime24"] and results["config"]["max_tokens"] == 2
+    assert all(s["tokens"] <= 2 for line in (out / "amc23" / "generations.jsonl").read_text().splitlines()
+               for s in json.loads(line)["samples"])
+
+
 
 
 @pytest.mark.skipif(not __import__("megatron_sft.evaluation.backends", fromlist=["x"]).vllm_available(),

@@ -55,13 +55,13 @@ def build_config(args: argparse.Namespace):
         value = getattr(args, f.name)
         if value is not None:
             values[f.name] = value
+    if isinstance(values.get("benchmarks"), list):  # YAML may list them
+        values["benchmarks"] = ",".join(str(name) for name in values["benchmarks"])
     config = EvalConfig(**values)
     for f in config_fields():
         value, default = getattr(config, f.name), f.default
         if not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
             raise ValueError(f"setting {f.name}: expected {type(default).__name__}, got {value!r}")
-    if isinstance(config.benchmarks, list):
-        config.benchmarks = ",".join(config.benchmarks)
     return config
 
 
