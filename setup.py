@@ -13,7 +13,11 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_sft", "megatron_sft.*"]),
+    # the benchmark test sets (evaluation/data) ship inside the wheel as megatron_sft/eval_data, so that a
+    # pip-installed `megatron-sft eval` finds them without a source checkout or --data-dir
+    packages=find_packages(include=["megatron_sft", "megatron_sft.*"]) + ["megatron_sft.eval_data"],
+    package_dir={"megatron_sft.eval_data": "evaluation/data"},
+    package_data={"megatron_sft.eval_data": ["*", "**/*"]},
     install_requires=[
         "torch>=2.13",  # on CPU: `pip install torch==2.13.0` first (the CPU wheel); on GPU: your CUDA build
         "megatron-core>=0.16.1,<0.17",

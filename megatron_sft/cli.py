@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Optional, Sequence
 
 from megatron_sft import __version__
-from megatron_sft.commands import (compare, continuum, convert, demo, eval, objectives, prepare, probe, sbatch, selftest,
-                                   train)
 
-COMMANDS = (train, convert, prepare, probe, eval, compare, sbatch, demo, continuum, objectives, selftest)
+# imported when the parser is built (some import torch), after `train` has started recording stop signals
+COMMANDS = ("train", "convert", "prepare", "probe", "eval", "compare", "sbatch", "demo", "continuum", "objectives",
+            "selftest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,15 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
-        command.add_parser(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"megatron_sft.commands.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_sft import stop_signal
     from megatron_sft.library_warnings import quiet_library_warnings
 
-    quiet_library_warnings()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # first thing: a SIGTERM during start-up ends the run with exit 0 (stop_signal.py)
+        stop_signal.install()
+    quiet_library_warnings(child_processes=True)
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
 

@@ -98,8 +98,11 @@ class _VocabParallelObjectiveLoss(torch.autograd.Function):
         log_sum_exp = torch.log(sum_exp)
 
         logp = (target_logit - log_sum_exp).masked_fill(~valid, 0.0)
-        log1mp = (torch.log(others_exp) - log_sum_exp).masked_fill(~valid, float("-inf"))
         p = logp.exp()
+        # log(1 - p): log1p(-p) where p is small (a difference of two logs would keep only the absolute
+        # accuracy of log(sum_exp), 1e-5 relative for p ~ 0.004); log(others / sum_exp) where p -> 1
+        log1mp = torch.where(p < 0.5, torch.log1p(-p), torch.log(others_exp) - log_sum_exp)
+        log1mp = log1mp.masked_fill(~valid, float("-inf"))
         selected = objective.select(p, valid, select_group)
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         loss = torch.where(selected, objective.value(logp, log1mp), zero)
@@ -146,6 +149,20 @@ def _default_select_group() -> Optional[dist.ProcessGroup]:
 _DEFAULT = object()
 
 
+def resolve_objective_and_groups(objective: Objective | str, tp_group: Optional[dist.ProcessGroup] | object,
+                                 select_group: Optional[dist.ProcessGroup] | object,
+                                 ) -> tuple[Objective, Optional[dist.ProcessGroup], Optional[dist.ProcessGroup]]:
+    """A spec string parsed; ``_DEFAULT`` groups replaced by megatron-core's TP group and, for objectives that
+    select over the batch (percentiles), its data-parallel group."""
+    if isinstance(objective, str):
+        objective = parse_objective(objective)
+    if tp_group is _DEFAULT:
+        tp_group = _default_tp_group()
+    if select_group is _DEFAULT:
+        select_group = _default_select_group() if objective.needs_batch_statistics else None
+    return objective, tp_group, select_group  # type: ignore[return-value]
+
+
 def vocab_parallel_objective_loss(
     vocab_parallel_logits: Tensor,
     target: Tensor,
@@ -170,20 +187,25 @@ def vocab_parallel_objective_loss(
         select_group: group holding the rest of the batch for percentile objectives
             (default: megatron-core's data-parallel group).
     """
-    if isinstance(objective, str):
-        objective = parse_objective(objective)
+    objective, tp_group, select_group = resolve_objective_and_groups(objective, tp_group, select_group)
     if target.shape != vocab_parallel_logits.shape[:-1]:
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits {tuple(vocab_parallel_logits.shape)} "
             "without the vocabulary dimension; logits are [s, b, V/tp] and target [s, b]"
         )
-    if tp_group is _DEFAULT:
-        tp_group = _default_tp_group()
-    if select_group is _DEFAULT:
-        select_group = _default_select_group() if objective.needs_batch_statistics else None
-    _, tp_size = _group_rank_and_size(tp_group)  # type: ignore[arg-type]
+    _, tp_size = _group_rank_and_size(tp_group)
     full_vocab = vocab_size if vocab_size is not None else vocab_parallel_logits.size(-1) * tp_size
+    valid = valid_target_mask(target, loss_mask, ignore_index, full_vocab)
 
+    loss, p, selected = _VocabParallelObjectiveLoss.apply(
+        vocab_parallel_logits, target, valid, objective, vocab_size, tp_group, select_group
+    )
+    return LossOutput(per_token_loss=loss, p=p, valid=valid, selected=selected)
+
+
+def valid_target_mask(target: Tensor, loss_mask: Optional[Tensor], ignore_index: int, full_vocab: int) -> Tensor:
+    """Tokens that count (not ``ignore_index``, ``loss_mask`` nonzero); a counted id outside the vocabulary is
+    an error naming its position, never a silent wrong gather."""
     valid = target != ignore_index
     if loss_mask is not None:
         if loss_mask.shape != target.shape:
@@ -196,11 +218,7 @@ def vocab_parallel_objective_loss(
             f"target id {int(target[tuple(first)])} at position {first} is outside the vocabulary "
             f"[0, {full_vocab}); mark tokens without a label with ignore_index={ignore_index} or loss_mask=0"
         )
-
-    loss, p, selected = _VocabParallelObjectiveLoss.apply(
-        vocab_parallel_logits, target, valid, objective, vocab_size, tp_group, select_group
-    )
-    return LossOutput(per_token_loss=loss, p=p, valid=valid, selected=selected)
+    return valid
 
 
 def reduce_loss(
@@ -208,6 +226,7 @@ def reduce_loss(
     reduction: Reduction = "token_mean",
     denominator: Denominator = "selected",
     sequence_ids: Optional[Tensor] = None,
+    batch_dim: int = -1,
 ) -> tuple[Tensor, Tensor]:
     """(numerator, denominator) of the loss; sum both over micro-batches and DP ranks, then divide.
 
@@ -218,7 +237,9 @@ def reduce_loss(
         ``selected`` counts only tokens a threshold/percentile objective keeps (what the reference
         trainer does); ``valid`` counts every response token, so dropped tokens dilute the loss.
     sequence_ids: [s, b] ids of packed sequences (tokens of different ids in one row are different
-        sequences); without it every column b is one sequence.
+        sequences); without it every row b is one sequence.
+    batch_dim: the dimension of ``out``'s tensors that indexes rows: -1 for megatron-core's loss layout
+        [s, b], 0 for the [b, s] that GPTModel hands a loss function (what the trainer passes).
     """
     if denominator not in ("selected", "valid"):
         raise ValueError(f"denominator must be 'selected' or 'valid', got {denominator!r}")
@@ -228,7 +249,9 @@ def reduce_loss(
     if reduction != "sequence_mean":
         raise ValueError(f"reduction must be 'token_mean' or 'sequence_mean', got {reduction!r}")
 
-    columns = torch.arange(counted.size(-1), device=counted.device).expand_as(counted)
+    shape = [1] * counted.dim()
+    shape[batch_dim] = -1  # one key per row (then per packed sequence within it)
+    columns = torch.arange(counted.size(batch_dim), device=counted.device).view(shape).expand_as(counted)
     if sequence_ids is None:
         keys = columns
     else:

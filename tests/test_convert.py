@@ -8,23 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from megatron_sft.convert.hf_to_mcore import ConversionError, convert_hf_to_mcore
 from megatron_sft.launch import run_local_workers
 from megatron_sft.model.args import ModelArgs, UnsupportedModelError
 from megatron_sft.model.builder import build_transformer_config
-from megatron_sft.testing.convert_check import convert_and_export_worker, first_result, logits_worker
+from megatron_sft.testing.convert_check import (
+    assert_same_tensors, convert_and_export_worker, first_result, logits_worker, safetensors_tensors,
+)
 from megatron_sft.testing.tiny_models import TINY_VARIANTS, save_tiny_hf_model
 
 INPUT_IDS = torch.randint(6, 250, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 def _safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
+    return safetensors_tensors(path)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +44,7 @@ def converted(tmp_path_factory):
 def test_hf_to_mcore_to_hf_is_bit_exact(converted, variant):
     paths = converted[variant]
     original, exported = _safetensors_dir(paths["hf"]), _safetensors_dir(paths["export"])
-    assert set(original) == set(exported)
-    for name, tensor in original.items():
-        assert torch.equal(tensor, exported[name]), name
+    assert_same_tensors(original, exported)
     index = json.loads((paths["export"] / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(original) and len(set(index["weight_map"].values())) > 1
 

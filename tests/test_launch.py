@@ -30,5 +30,12 @@ def test_workers_all_reduce_and_return_in_rank_order(world_size):
 
 
 def test_worker_exception_is_reported_with_traceback():
-    with pytest.raises(RuntimeError, match="deliberate failure on rank 1"):
+    with pytest.raises(RuntimeError, match="deliberate failure on rank 1") as raised:
         run_local_workers(_fail_on_rank_one, 2, timeout_s=120)
+    assert "rank 1 failed first" in str(raised.value) and str(raised.value).count("Traceback") == 1
+
+
+def test_expected_worker_exception_is_raised_as_it_is():
+    """An error the caller expects (e.g. bad input) comes back as itself, to be shown as one line."""
+    with pytest.raises(ValueError, match="^deliberate failure on rank 1$"):
+        run_local_workers(_fail_on_rank_one, 2, timeout_s=120, expected_errors=(ValueError,))

@@ -198,31 +198,38 @@ def test_config_errors_name_the_key(tmp_path):
             d.train.global_batch_size, d.train.epochs) == (5e-5, (0.9, 0.95), 0.01, 0.1, "cosine", 1.0, 256, 3)
 
 
+def _signal_after_step_2(tiny, out: Path, sig: int) -> tuple[list[str], subprocess.Popen, str]:
+    """`megatron-sft train --nproc 2` at TP=2 for up to 300 steps, sent ``sig`` once step 2 is logged; returns
+    its arguments, the finished process and its whole output."""
+    _, ckpt, data = tiny
+    args = [f"output_dir={out}", f"model.checkpoint={ckpt}", f"data.train={data}", "data.max_length=32",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "train.epochs=50", "train.max_steps=300",
+            "log.progress_bar=false", "log.tensorboard=false", "checkpoint.export_hf=false", "parallel.tensor=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_sft", "train", *args, "--nproc", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    return args, proc, "".join(lines) + rest
+
+
 def test_sigusr1_saves_and_exits_then_resumes(tiny, tmp_path):
     """Slurm preemption: the signal (forwarded by --nproc to both TP ranks) is honoured at the end of the
     current step on every rank, with a checkpoint, and the run resumes from it."""
     root, ckpt, data = tiny
     out = tmp_path / "preempted"
-    args = [f"output_dir={out}", f"model.checkpoint={ckpt}", f"data.train={data}", "data.max_length=32",
-            "train.global_batch_size=8", "train.micro_batch_size=2", "train.epochs=50", "train.max_steps=300",
-            "log.progress_bar=false", "log.tensorboard=false", "checkpoint.export_hf=false", "parallel.tensor=2"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_sft", "train", *args, "--nproc", "2"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 2/"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    rest, _ = proc.communicate(timeout=300)
-    output = "".join(lines) + rest
+    args, proc, output = _signal_after_step_2(tiny, out, signal.SIGUSR1)
     assert proc.returncode == 0, output
     assert "received signal" in output
     latest = (out / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("_")[1])
     assert 2 <= step < 300
-    resumed = _train_cli(args + ["train.max_steps=" + str(step + 1), "--resume", "--nproc", "2"], env=env)
+    resumed = _train_cli(args + ["train.max_steps=" + str(step + 1), "--resume", "--nproc", "2"],
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {latest}" in resumed.stdout
     assert f"step {step + 1}/{step + 1}" in resumed.stdout
@@ -270,3 +277,58 @@ def test_adaptive_objective_follows_the_running_mean_p_at_any_layout_and_resumes
     resumed, out3 = _run(tiny, "adaptive_resumed", 1, *ADAPTIVE_RUN, resume=True)
     assert resumed["losses"] == one["losses"][2:]
     assert logged(out3, "adaptive_parameter") == params
+
+
+def test_model_only_checkpoint_and_hf_export_hold_the_trained_weights(tiny):
+    """checkpoint.save_optimizer=false writes the model without optimizer state (and --resume refuses it by
+    name); checkpoint.export_hf=true writes OUTPUT/hf, whose float64 NLL on the held-out rows equals the
+    trainer's own eval loss after the last step (the export holds the trained weights, not the initial ones)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_sft.data.formatting import Formatter
+    from megatron_sft.data.sources import read_rows
+    from megatron_sft.train.batches import format_config
+    from megatron_sft.train.config import load_config
+
+    root, _, data = tiny
+    run = ["objective.name=nll", "checkpoint.save_optimizer=false", "checkpoint.export_hf=true"]
+    summary, out = _run(tiny, "model_only", 1, *run)
+    step_dir = Path(summary["checkpoint"])
+    assert any((step_dir / "model").iterdir()) and not list(step_dir.glob("optimizer/*"))
+    assert json.loads((step_dir / "trainer_state.json").read_text())["has_optimizer"] is False
+    assert summary["export"] == str(out / "hf")
+    formatter = Formatter(AutoTokenizer.from_pretrained(str(out / "hf")), format_config(load_config(out / "config.yaml").data))
+
+    def held_out_nll(model_dir: Path) -> float:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+        total, count = 0.0, 0
+        for row in read_rows(data):
+            example = formatter(row)
+            ids = torch.tensor([example.input_ids])
+            with torch.no_grad():
+                logp = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
+            trained = torch.tensor(example.target_mask[1:], dtype=torch.bool)
+            total, count = total - float(logp[trained].sum()), count + int(trained.sum())
+        return total / count
+
+    (evaluation,) = eval_metrics(out)
+    exported = held_out_nll(out / "hf")
+    assert abs(exported - evaluation["eval/loss"]) <= 1e-5 * exported, (exported, evaluation)
+    assert abs(held_out_nll(root / "hf") - exported) > 1e-3, "the export must differ from the initial model"
+    with pytest.raises(RuntimeError, match="saved without optimizer state"):
+        _run(tiny, "model_only", 1, *run, "train.max_steps=3", resume=True)
+
+
+def test_sigterm_saves_and_exits(tiny, tmp_path):
+    """SIGTERM (preemption, scancel) to a running `--nproc 2` job: every rank finishes the step, one checkpoint
+    is saved, exit 0, and no COMPLETED marker (so a job chain requeues it)."""
+    root, ckpt, data = tiny
+    out = tmp_path / "terminated"
+    args, proc, output = _signal_after_step_2(tiny, out, signal.SIGTERM)
+    assert proc.returncode == 0, output
+    assert "received signal" in output, output
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert 2 <= step < 300 and f"checkpoint saved at step {step}" in output, output
+    assert len(json.loads("[" + ",".join((out / "metrics.jsonl").read_text().splitlines()) + "]")) == step
+    assert not (out / "COMPLETED").exists()

@@ -66,17 +66,22 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from megatron_sft.evaluation.benchmarks import BenchmarkError
-    from megatron_sft.evaluation.runner import evaluate
+    from megatron_sft.evaluation.graders import GraderUnavailable
+    from megatron_sft.evaluation.runner import GradingIncomplete, evaluate
 
     try:
         config = build_config(args)
         results = evaluate(config)
-    except (BenchmarkError, ValueError, FileNotFoundError, OSError) as err:
+    except (BenchmarkError, GraderUnavailable, ValueError, FileNotFoundError, OSError) as err:
         print(f"megatron-sft eval: error: {err}")
         return 2
-    from pathlib import Path
-
+    except GradingIncomplete as err:
+        print((Path(config.out) / "results.md").read_text(), end="")
+        print(f"megatron-sft eval: error: {err}")
+        return 3
     print((Path(config.out) / "results.md").read_text(), end="")
     print(f"wrote {config.out}/results.json, results.csv, results.md and */generations.jsonl "
           f"({results['seconds']:.0f} s)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from dataclasses import asdict
 
 
@@ -43,10 +45,31 @@ def train_worker(config_dict: dict, resume: bool = False) -> dict:
     return asdict(train(config_from_dict(config_dict), resume=resume))
 
 
-def run(args: argparse.Namespace) -> int:
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix (bad input, a refusal): one line and exit 2, no traceback."""
     from megatron_sft.data.sources import DataError
     from megatron_sft.objectives import ObjectiveSpecError
-    from megatron_sft.train.config import ConfigError, load_config
+    from megatron_sft.train.checkpoint_integrity import CheckpointDamagedError
+    from megatron_sft.train.config import ConfigError
+    from megatron_sft.train.run_lock import RunLockedError
+    from megatron_sft.train.save_guard import NoSpaceError
+
+    return (ConfigError, DataError, ObjectiveSpecError, FileNotFoundError, RunLockedError, CheckpointDamagedError,
+            NoSpaceError)
+
+
+def _say_once(message: str) -> None:
+    """Print on global rank 0 only (under torchrun every rank reaches here with the same error)."""
+    from megatron_sft.parallel import SINGLE_PROCESS_MARK
+
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0 or SINGLE_PROCESS_MARK in os.environ:
+        print(message, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_sft import stop_signal
+    from megatron_sft.launch import WorkerError
+    from megatron_sft.train.config import load_config
     from megatron_sft.train.step import NonFiniteError
 
     config_path, overrides = args.config, list(args.overrides)
@@ -55,15 +78,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(config_path, overrides)
         if args.print_key:
+            stop_signal.restore_default()
             print(resolved_value(config, args.print_key))
             return 0
         summary = launch(config, resume=args.resume, nproc=args.nproc)
-    except (ConfigError, DataError, ObjectiveSpecError, FileNotFoundError) as err:
-        print(f"megatron-sft train: error: {err}")
+    except expected_errors() as err:
+        _say_once(f"megatron-sft train: error: {err}")
         return 2
     except NonFiniteError as err:
-        print(f"megatron-sft train: halted: {err}")
+        _say_once(f"megatron-sft train: halted: {err}")
         return 1
+    except WorkerError as err:  # unexpected: the first failing rank's traceback, once
+        print(f"megatron-sft train: {err}", file=sys.stderr, flush=True)
+        return 1
+    if summary is None:
+        print(f"megatron-sft train: received signal {stop_signal.received()} before training started; nothing was "
+              "written. Continue with --resume.", flush=True)
+        return 0
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun every rank returns the summary
@@ -88,14 +119,32 @@ def resolved_value(config, key: str) -> str:
     return "null" if value is None else str(value)
 
 
-def launch(config, resume: bool = False, nproc: int | None = None) -> dict:
-    """Train in this process (under torchrun/Slurm or single-process) or on ``nproc`` local workers."""
+def launch(config, resume: bool = False, nproc: int | None = None) -> dict | None:
+    """Train in this process (under torchrun/Slurm or single-process) or on ``nproc`` local workers, after the
+    cheap checks (preflight.py). With ``nproc`` this process holds the run lock (run_lock.py) throughout.
+    None: a stop signal arrived before training started."""
+    from megatron_sft import stop_signal
     from megatron_sft.launch import run_local_workers
     from megatron_sft.parallel import under_launcher
     from megatron_sft.train.config import ConfigError
+    from megatron_sft.train.preflight import preflight
+    from megatron_sft.train.run_lock import HELD_ENV, RunLock
 
-    if nproc is not None and nproc > 1:
-        if under_launcher():
-            raise ConfigError("--nproc is for local runs; under torchrun/Slurm the launcher starts the processes")
-        return run_local_workers(train_worker, nproc, config.to_dict(), resume, timeout_s=7 * 24 * 3600)[0]
-    return train_worker(config.to_dict(), resume)
+    local = nproc is not None and nproc > 1
+    if local and under_launcher():
+        raise ConfigError("--nproc is for local runs; under torchrun/Slurm the launcher starts the processes")
+    preflight(config, nproc if local else None)
+    if stop_signal.received() is not None:
+        return None
+    if not local:
+        return train_worker(config.to_dict(), resume)
+    lock = RunLock(config.output_dir).acquire()
+    os.environ[HELD_ENV] = str(config.output_dir)
+    try:
+        from megatron_sft.train.step import NonFiniteError
+
+        return run_local_workers(train_worker, nproc, config.to_dict(), resume, timeout_s=7 * 24 * 3600,
+                                 expected_errors=expected_errors() + (NonFiniteError,), catch_stop_signals=True)[0]
+    finally:
+        os.environ.pop(HELD_ENV, None)
+        lock.release()

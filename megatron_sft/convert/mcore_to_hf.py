@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from megatron_sft.convert.hf_config import write_hf_config
 from megatron_sft.convert.mapping import expected_hf_shapes, mcore_to_hf
 from megatron_sft.model.checkpoint import (
     TOKENIZER_DIR, copy_tokenizer_files, fresh_temporary_sibling, load_model, read_model_args,
@@ -59,6 +60,8 @@ def convert_mcore_to_hf(
     expected = expected_hf_shapes(args)
     for name, tensor in tqdm(mcore_to_hf(args, state.__getitem__), total=len(expected), desc="mcore -> hf", disable=not progress):
         assert tuple(tensor.shape) == expected[name], (name, tuple(tensor.shape), expected[name])
+        if tensor.dtype != out_dtype:  # checkpoints written before norms followed params_dtype hold fp32 norms
+            tensor = tensor.to(out_dtype)
         if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or not tensor.is_contiguous():
             tensor = tensor.contiguous().clone()  # a split of a fused tensor: safetensors needs its own storage
         nbytes = tensor.numel() * tensor.element_size()
@@ -78,10 +81,7 @@ def convert_mcore_to_hf(
     index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    config = args.hf_config_object()
-    config.architectures = [args.architecture]
-    config.dtype = out_dtype
-    config.save_pretrained(tmp)
+    write_hf_config(args, out_dtype, tmp)
     if (ckpt / TOKENIZER_DIR).is_dir():
         copy_tokenizer_files(ckpt / TOKENIZER_DIR, tmp)
     replace_directory(tmp, out)

@@ -63,6 +63,8 @@ class Formatter:
         return value
 
     def __call__(self, row: Row) -> Example:
+        if row.error is not None:  # a line the reader could not decode (read_rows(bad_lines="yield"))
+            raise DataError(f"{row.where}: {row.error}")
         if self.config.messages_key in row.record:
             ids, mask = self._messages(row)
         else:
@@ -113,10 +115,15 @@ class Formatter:
         if self.config.truncation == "error":
             raise DataError(f"{example.where}: {len(example)} tokens > data.max_length={limit} (data.truncation=error)")
         if self.config.truncation == "drop":
-            raise DataError(f"{example.where}: {len(example)} tokens > data.max_length={limit}; dropped (data.truncation=drop)")
+            raise DroppedRow(f"{example.where}: longer than data.max_length={limit}; {len(example)} tokens, dropped "
+                             "(data.truncation=drop)")
         if not any(example.target_mask[:limit]):
             raise DataError(f"{example.where}: the prompt alone fills data.max_length={limit}; nothing left to train on")
         return Example(example.input_ids[:limit], example.target_mask[:limit], example.where, truncated=True)
+
+
+class DroppedRow(DataError):
+    """A row over max_length under ``data.truncation=drop``: always skipped and counted, never an error."""
 
 
 @dataclass
@@ -141,7 +148,7 @@ def tokenize_rows(
         try:
             example = formatter(row)
         except DataError as err:
-            if on_bad_row == "error":
+            if on_bad_row == "error" and not isinstance(err, DroppedRow):
                 raise DataError(f"{err} (set data.on_bad_row=skip to skip and count such rows)") from None
             reason = re.split(r";| \(at ", str(err).split(": ", 1)[-1])[0][:80]
             report.skipped[reason] += 1

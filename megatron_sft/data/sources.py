@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, Optional
+
+BadLines = Literal["raise", "yield"]  # a line that cannot be decoded: raise DataError, or yield it marked
 
 
 class DataError(ValueError):
@@ -21,31 +23,52 @@ class Row:
     source: str  # file (or dataset directory) the row came from
     number: int  # 1-based row number within it (the line number for jsonl)
     record: dict[str, Any]
+    error: Optional[str] = None  # why the line could not be read (only with bad_lines="yield"); record is {}
 
     @property
     def where(self) -> str:
         return f"{self.source}:{self.number}"
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as f:
+def _decode_line(raw: bytes) -> tuple[Any, Optional[str]]:
+    """(the JSON object of one jsonl line, None) or (None, why it is not one)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"not valid UTF-8; byte 0x{raw[err.start]:02x} at column {err.start + 1}"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON; {err.msg} at column {err.colno}"
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object per line, got {type(record).__name__}"
+    return record, None
+
+
+def _jsonl_rows(path: Path, bad_lines: BadLines = "raise") -> Iterator[Row]:
+    """Rows of a jsonl file, read as bytes so that an undecodable line is reported (or yielded) as FILE:LINE."""
+    rows = 0
+    with path.open("rb") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object per line, got {type(record).__name__}")
-            yield Row(str(path), line_number, record)
+            rows += 1
+            record, error = _decode_line(line)
+            if error is None:
+                yield Row(str(path), line_number, record)
+            elif bad_lines == "yield":
+                yield Row(str(path), line_number, {}, error)
+            else:
+                raise DataError(f"{path}:{line_number}: {error}")
+    if rows == 0:
+        raise DataError(f"{path}: the file holds no rows (it is empty); remove it from data.train / data.eval or fill it")
 
 
 def _starts_with_array(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for line in f:
             if line.strip():
-                return line.lstrip().startswith("[")
+                return line.lstrip().startswith(b"[")
     return False
 
 
@@ -53,6 +76,8 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
     """A .json file holding one array of objects (as many datasets are published); rows numbered from 1."""
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     for number, record in enumerate(records, start=1):
@@ -62,13 +87,20 @@ def _json_array_rows(path: Path) -> Iterator[Row]:
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            number += 1
-            yield Row(str(path), number, record)
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                number += 1
+                yield Row(str(path), number, record)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0][:200]}); "
+                        "rewrite it or remove it from the data") from None
+    if number == 0:
+        raise DataError(f"{path}: the parquet file holds no rows; remove it from data.train / data.eval or fill it")
 
 
 def _dataset_dir_rows(path: Path) -> Iterator[Row]:
@@ -83,8 +115,10 @@ def _dataset_dir_rows(path: Path) -> Iterator[Row]:
         yield Row(str(path), number, dict(record))
 
 
-def read_rows(path: str | Path) -> Iterator[Row]:
-    """Rows of one file or directory (a directory is a saved HF dataset, or holds *.jsonl / *.parquet files)."""
+def read_rows(path: str | Path, bad_lines: BadLines = "raise") -> Iterator[Row]:
+    """Rows of one file or directory (a directory is a saved HF dataset, or holds *.jsonl / *.parquet files).
+    ``bad_lines="yield"``: a jsonl line that is not UTF-8 JSON comes as a Row with ``error`` set (to be skipped
+    and counted by the caller) instead of raising."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -96,12 +130,12 @@ def read_rows(path: str | Path) -> Iterator[Row]:
         if not files:
             raise DataError(f"{path}: directory has no *.jsonl / *.parquet files and is not a saved HF dataset")
         for file in files:
-            yield from read_rows(file)
+            yield from read_rows(file, bad_lines)
         return
     if path.suffix == ".json" and _starts_with_array(path):
         yield from _json_array_rows(path)
     elif path.suffix in (".jsonl", ".json"):
-        yield from _jsonl_rows(path)
+        yield from _jsonl_rows(path, bad_lines)
     elif path.suffix == ".parquet":
         yield from _parquet_rows(path)
     else:

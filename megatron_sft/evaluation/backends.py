@@ -62,12 +62,15 @@ class HFBackend:
 
     name = "hf"
 
-    def __init__(self, model_dir: str, batch_size: int = 16, dtype: Optional[str] = None):
+    def __init__(self, model_dir: str, batch_size: int = 16, dtype: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            torch_dtype = getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
         self.batch_size = batch_size
@@ -152,6 +155,28 @@ def _vllm_worker_main(conn: Any, gpus: str, model_dir: str, engine_args: dict) -
             conn.send(err)
 
 
+CPU_KV_CACHE_GIB = 2.0  # vLLM's CPU build otherwise reserves most of the machine's memory for its KV cache
+
+
+def vllm_engine_args(tensor_parallel: int, gpu_memory_utilization: float, max_model_len: Optional[int], dtype: str,
+                     enforce_eager: bool, kv_cache_gib: float, on_gpu: bool) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments for eval's flags. On a CPU build the KV cache is sized by the
+    ``VLLM_CPU_KVCACHE_SPACE`` environment variable (set here unless the user did), and ``auto`` means float32:
+    vLLM's CPU bf16 path falls back to slow kernels."""
+    args: dict[str, Any] = dict(tensor_parallel_size=tensor_parallel, gpu_memory_utilization=gpu_memory_utilization,
+                                dtype=dtype, enforce_eager=enforce_eager, trust_remote_code=False)
+    if max_model_len:
+        args["max_model_len"] = max_model_len
+    if on_gpu:
+        if kv_cache_gib:
+            args["kv_cache_memory_bytes"] = int(kv_cache_gib * 1024**3)
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib or CPU_KV_CACHE_GIB:g}")
+        if dtype == "auto":
+            args["dtype"] = "float32"
+    return args
+
+
 class VLLMBackend:
     """vLLM's offline engine; ``data_parallel`` engines (one per ``tensor_parallel`` GPUs) share the prompts."""
 
@@ -159,11 +184,9 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str, tensor_parallel: int = 1, data_parallel: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None, dtype: str = "auto",
-                 enforce_eager: bool = False):
-        engine_args = dict(tensor_parallel_size=tensor_parallel, gpu_memory_utilization=gpu_memory_utilization,
-                           dtype=dtype, enforce_eager=enforce_eager, trust_remote_code=False)
-        if max_model_len:
-            engine_args["max_model_len"] = max_model_len
+                 enforce_eager: bool = False, kv_cache_gib: float = 0.0):
+        engine_args = vllm_engine_args(tensor_parallel, gpu_memory_utilization, max_model_len, dtype, enforce_eager,
+                                       kv_cache_gib, on_gpu=_cuda_count() > 0)
         self.workers: list[tuple[Any, Any]] = []
         self.llm = None
         if data_parallel <= 1:
@@ -214,8 +237,8 @@ def _cuda_count() -> int:
 
 
 def make_backend(name: str, model_dir: str, *, batch_size: int = 16, tensor_parallel: int = 1, data_parallel: int = 1,
-                 gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None,
-                 enforce_eager: bool = False) -> Backend:
+                 gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None, dtype: str = "auto",
+                 enforce_eager: bool = False, kv_cache_gib: float = 0.0) -> Backend:
     chosen = choose_backend(name)
     if chosen == "vllm":
         if not vllm_available():
@@ -223,5 +246,5 @@ def make_backend(name: str, model_dir: str, *, batch_size: int = 16, tensor_para
         if data_parallel == 0:
             data_parallel = max(1, _cuda_count() // tensor_parallel)
         return VLLMBackend(model_dir, tensor_parallel, data_parallel, gpu_memory_utilization, max_model_len,
-                           enforce_eager=enforce_eager)
-    return HFBackend(model_dir, batch_size=batch_size)
+                           dtype=dtype, enforce_eager=enforce_eager, kv_cache_gib=kv_cache_gib)
+    return HFBackend(model_dir, batch_size=batch_size, dtype=dtype)

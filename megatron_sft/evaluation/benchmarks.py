@@ -54,9 +54,13 @@ class Benchmark:
 
 
 def default_data_dir() -> Path:
-    """``$MEGATRON_SFT_EVAL_DATA``, else ``evaluation/data`` of this checkout."""
+    """``$MEGATRON_SFT_EVAL_DATA``; else the copy a wheel installs (``megatron_sft/eval_data``, built from
+    ``evaluation/data`` by setup.py); else ``evaluation/data`` of this source checkout (editable install)."""
     env = os.environ.get("MEGATRON_SFT_EVAL_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "evaluation" / "data"
+    if env:
+        return Path(env)
+    packaged = Path(__file__).resolve().parents[1] / "eval_data"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "evaluation" / "data"
 
 
 def existing(path: Path) -> Path:

@@ -3,13 +3,14 @@
 They run in worker processes (``workers.grade_in_workers``). Math uses math-verify on the last \\boxed{};
 multiple choice compares the extracted letter; figfont uses reasoning-gym's own scorer (exact match counts,
 its partial credit is kept as ``partial``); code is sanitized by evalplus and executed against the base and
-plus tests with evalplus's time and memory limits.
+plus tests with evalplus's time and memory limits, inside a sandbox (``sandbox.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterable
 
 from megatron_sft.evaluation.extraction import extract_choice, last_boxed
 
@@ -83,10 +84,13 @@ def _find_zero_oracle(problem: dict, solution: str, expected: dict) -> tuple[dic
 
 def grade_code(completion: str, reference: Any, meta: dict) -> dict:
     """meta: ``dataset`` (humaneval | mbpp), ``problem`` (evalplus record with inputs), ``expected`` (outputs
-    and times of the canonical solution). Stops at the first failing input (evalplus ``fast_check``)."""
+    and times of the canonical solution), ``sandbox`` (the mechanism; default: the first that works here).
+    Stops at the first failing input (evalplus ``fast_check``). ``outcome``: passed / failed / timeout /
+    sandbox_error (the sandbox failed: not the model's fault, reported apart)."""
     from evalplus.eval import PASS
-    from evalplus.evaluate import check_correctness
     from evalplus.sanitize import sanitize
+
+    from megatron_sft.evaluation.sandbox import check_code, choose_sandbox, outcome
 
     problem, expected = meta["problem"], meta["expected"]
     solution = sanitize(completion, problem["entry_point"])
@@ -96,13 +100,47 @@ def grade_code(completion: str, reference: Any, meta: dict) -> dict:
         problem, checked_solution, expected = _find_zero_oracle(problem, solution, expected)
     else:
         checked_solution = solution
-    result = check_correctness(meta["dataset"], 0, problem, checked_solution, expected, fast_check=True)
-    base, plus = result["base"][0], result["plus"][0]
-    return {"score": 1.0 if base == PASS and plus == PASS else 0.0, "pred": solution[:4000],
-            "base": 1.0 if base == PASS else 0.0, "status": {"base": base, "plus": plus}}
+    result = check_code(meta.get("sandbox") or choose_sandbox(), meta["dataset"], problem, checked_solution, expected)
+    base, plus = result["base"], result["plus"]
+    graded = {"score": 1.0 if base == PASS and plus == PASS else 0.0, "pred": solution[:4000],
+              "base": 1.0 if base == PASS else 0.0, "status": {"base": base, "plus": plus}, "outcome": outcome(result)}
+    return {**graded, "error": result["error"]} if "error" in result else graded
 
 
 GRADERS = {"math": grade_math, "choice": grade_choice, "figfont": grade_figfont, "code": grade_code}
+
+# grader -> (module it imports, PyPI package); the `eval` extra installs them all
+GRADER_LIBRARIES = {"math": ("math_verify", "math-verify"), "figfont": ("reasoning_gym", "reasoning-gym"),
+                    "code": ("evalplus", "evalplus")}
+GRADER_FAILURE_PREFIXES = ("grader raised", "grader process died",  # infrastructure, not the model's answer
+                           "sandbox error")
+
+
+class GraderUnavailable(RuntimeError):
+    """A grader's library does not import: every item would score 0, so nothing is generated."""
+
+
+def check_grader_libraries(benchmarks: Iterable[tuple[str, str]]) -> None:
+    """``benchmarks``: (name, grader kind) pairs. Imports each grader's library in this process before any
+    generation, so a missing package fails the run up front instead of scoring every answer 0."""
+    needed: dict[str, list[str]] = {}
+    for name, kind in benchmarks:
+        if kind in GRADER_LIBRARIES:
+            needed.setdefault(kind, []).append(name)
+    for kind, names in needed.items():
+        module, package = GRADER_LIBRARIES[kind]
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # ImportError, or a broken install raising anything at import
+            raise GraderUnavailable(
+                f"{', '.join(names)} cannot be graded: `import {module}` fails ({type(err).__name__}: {err}); "
+                f"install the grader with: pip install 'megatron-sft[eval]' (or pip install {package})"
+            ) from None
+
+
+def is_grader_failure(result: dict) -> bool:
+    """True when the sample scored 0 because grading itself failed (not because of the answer)."""
+    return str(result.get("error") or "").startswith(GRADER_FAILURE_PREFIXES)
 
 
 def grade(kind: str, completion: str, reference: Any, meta: dict) -> dict:

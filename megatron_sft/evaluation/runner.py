@@ -17,9 +17,11 @@ from typing import Any, Optional
 
 from megatron_sft.evaluation import benchmarks as bm
 from megatron_sft.evaluation.backends import Backend, Completion, Sampling, choose_backend, make_backend
+from megatron_sft.evaluation.graders import check_grader_libraries, is_grader_failure
 from megatron_sft.evaluation.metrics import benchmark_metrics, domain_means
 from megatron_sft.evaluation.prompts import encode, render
 from megatron_sft.evaluation.records import append_records, read_records, rewrite_records, write_atomic
+from megatron_sft.evaluation.sandbox import UNSANDBOXED, SandboxUnavailable, choose_sandbox, outcome_counts
 from megatron_sft.evaluation.tables import csv_table, markdown_table
 
 
@@ -41,8 +43,18 @@ class EvalConfig:
     limit: int = field(default=0, metadata={"help": "first N items of each benchmark (0: all)"})
     tensor_parallel: int = field(default=1, metadata={"help": "vLLM tensor-parallel GPUs per engine"})
     data_parallel: int = field(default=0, metadata={"help": "vLLM engines (default 0: all visible GPUs / tensor_parallel)"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM GPU memory fraction"})
-    max_model_len: int = field(default=0, metadata={"help": "vLLM context length (0: the model's)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "vLLM: fraction of each GPU's memory for weights + KV cache (lower it on a shared GPU)"})
+    max_model_len: int = field(default=0, metadata={
+        "help": "context length in tokens for both backends; longer prompts are not generated (0: the model's)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "generation dtype: auto (GPU: bfloat16 for transformers, vLLM's pick from the export; CPU: float32, "
+                "since bf16 kernels are slow there) | bfloat16 | float16 | float32"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "vLLM: no CUDA graphs (faster start, less memory, slower decoding)"})
+    kv_cache_gib: float = field(default=0.0, metadata={
+        "help": "vLLM KV-cache size in GiB (0: vLLM's default, a share of --gpu-memory-utilization on GPU; "
+                "on a CPU build 2 GiB instead of vLLM's most-of-RAM; $VLLM_CPU_KVCACHE_SPACE wins there)"})
     batch_size: int = field(default=16, metadata={"help": "hf backend: prompts per generate call"})
     chunk: int = field(default=512, metadata={"help": "items generated and saved per step (resume granularity)"})
     grader_workers: int = field(default=4, metadata={"help": "grading processes"})
@@ -52,6 +64,10 @@ class EvalConfig:
     data_dir: str = field(default="", metadata={"help": "test sets (default evaluation/data or $MEGATRON_SFT_EVAL_DATA)"})
     regrade: bool = field(default=False, metadata={"help": "grade the saved generations again (no generation)"})
     overwrite: bool = field(default=False, metadata={"help": "discard saved generations made with other settings"})
+    sandbox: str = field(default="auto", metadata={
+        "help": "isolation of model-written code: auto (the first that works) | bwrap | unshare | os-unshare"})
+    allow_unsandboxed_code: bool = field(default=False, metadata={
+        "help": "grade code with evalplus's guard only when no sandbox works (recorded in results.json)"})
 
     def validate(self) -> None:
         if not self.model:
@@ -59,6 +75,11 @@ class EvalConfig:
         if not Path(self.model).is_dir():
             raise ValueError(f"--model {self.model}: not a directory (export a run with megatron-sft convert "
                              "mcore-to-hf, or give an HF model directory)")
+        if not (Path(self.model) / "config.json").is_file():
+            hint = (" (a megatron-sft checkpoint: export it with megatron-sft convert mcore-to-hf)"
+                    if (Path(self.model) / "model_args.json").is_file() else "")
+            raise ValueError(f"--model {self.model}: no config.json, not a Hugging Face model directory{hint}; "
+                             "point it at an export (a run's hf/ directory)")
         if self.template not in ("chat", "plain"):
             raise ValueError(f"--template must be chat or plain, got {self.template!r}")
         if "{prompt}" not in self.plain_template:
@@ -68,6 +89,10 @@ class EvalConfig:
         for name in ("n", "chunk", "grader_workers", "batch_size", "tensor_parallel", "figfont_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1 or self.kv_cache_gib < 0 or self.max_model_len < 0:
+            raise ValueError("--gpu-memory-utilization must be in (0, 1], --kv-cache-gib and --max-model-len >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
         if self.n > 1 and self.temperature == 0:
@@ -123,7 +148,8 @@ class Evaluation:
         self.backend_name = choose_backend(config.backend)
         self._backend: Optional[Backend] = None
         self.data_dir = Path(config.data_dir) if config.data_dir else None
-        self.options = {"figfont_seed": config.figfont_seed, "figfont_size": config.figfont_size}
+        self.options = {"figfont_seed": config.figfont_seed, "figfont_size": config.figfont_size,
+                        "sandbox": config.sandbox, "allow_unsandboxed_code": config.allow_unsandboxed_code}
 
     @property
     def backend(self) -> Backend:
@@ -132,7 +158,8 @@ class Evaluation:
             self._backend = make_backend(self.backend_name, c.model, batch_size=c.batch_size,
                                          tensor_parallel=c.tensor_parallel, data_parallel=c.data_parallel,
                                          gpu_memory_utilization=c.gpu_memory_utilization,
-                                         max_model_len=c.max_model_len or None)
+                                         max_model_len=c.max_model_len or None, dtype=c.dtype,
+                                         enforce_eager=c.enforce_eager, kv_cache_gib=c.kv_cache_gib)
         return self._backend
 
     def close(self) -> None:
@@ -176,6 +203,8 @@ class Evaluation:
         metrics["mean_tokens"] = sum(s["tokens"] for s in samples) / len(samples)
         if bench.grader == "code":
             metrics["base_accuracy"] = sum(s.get("base", 0.0) for s in samples) / len(samples)
+            metrics.update(outcome_counts(samples))  # passed / failed / timeout / sandbox errors, apart
+        metrics["grader_failures"] = sum(1 for s in samples if is_grader_failure(s))
         return metrics
 
     def _check_settings(self, bench_dir: Path, settings: dict) -> None:
@@ -244,9 +273,13 @@ class Evaluation:
     def run(self) -> dict:
         c = self.config
         chosen = bm.resolve_benchmarks(c.benchmarks)
+        check_grader_libraries((bench.name, bench.grader) for bench in chosen)
+        sandbox = code_sandbox(c.sandbox, c.allow_unsandboxed_code) if any(b.grader == "code" for b in chosen) else None
         self.out.mkdir(parents=True, exist_ok=True)
         previous = self.out / "results.json"
         results = json.loads(previous.read_text()) if previous.is_file() else {"benchmarks": {}}
+        if sandbox:  # how model-written code ran; "none" means unsandboxed (--allow-unsandboxed-code)
+            results["code_sandbox"] = {"mechanism": sandbox, "unsandboxed": sandbox == UNSANDBOXED}
         results.update({"model": str(Path(c.model).resolve()), "label": c.label or Path(c.model).resolve().name,
                         "backend": self.backend_name, "config": asdict(c)})
         started = time.time()
@@ -262,6 +295,7 @@ class Evaluation:
             self.close()
         results["seconds"] = round(time.time() - started, 1)
         self._write(results)
+        raise_on_grader_failures(results, self.out)
         return results
 
     def _write(self, results: dict) -> None:
@@ -272,6 +306,29 @@ class Evaluation:
         label = [results["label"]]
         write_atomic(self.out / "results.md", markdown_table([results], label))
         write_atomic(self.out / "results.csv", csv_table([results], label))
+
+
+class GradingIncomplete(RuntimeError):
+    """Some samples scored 0 because grading failed; the results are written but must not be trusted."""
+
+
+def raise_on_grader_failures(results: dict, out: Path) -> None:
+    """A run whose grader raised on some samples ends non-zero, naming the benchmarks and the first errors."""
+    failed = {name: int(m.get("grader_failures", 0)) for name, m in results["benchmarks"].items()}
+    failed = {name: count for name, count in failed.items() if count}
+    if not failed:
+        return
+    examples = []
+    for name in failed:
+        for record in read_records(out / name / "generations.jsonl").values():
+            examples += [s["error"] for s in record["samples"] if is_grader_failure(s)]
+    distinct = sorted(set(examples), key=examples.index)[:3]
+    sandbox_errors = sum(int(m.get("sandbox_errors", 0)) for m in results["benchmarks"].values())
+    raise GradingIncomplete(
+        f"grading failed on {sum(failed.values())} samples ({', '.join(f'{k}: {v}' for k, v in failed.items())}"
+        f"{f'; {sandbox_errors} sandbox errors, not model failures' if sandbox_errors else ''}), "
+        f"which scored 0: {'; '.join(distinct)}. Fix the grader, then re-grade the saved generations with --regrade"
+    )
 
 
 class GradingContext:
@@ -288,6 +345,7 @@ class GradingContext:
             self.dataset = evalplus_dataset(bench.name)
             self.problems = load_problems((data_dir or bm.default_data_dir()) / bench.source, self.dataset)
             self.cache = bench_dir / "expected_outputs.pkl"
+            self.sandbox = code_sandbox(options.get("sandbox", "auto"), options.get("allow_unsandboxed_code", False))
 
     def prepare(self, records: list[dict]) -> None:
         """Expected outputs of the code tasks among ``records``, computed in one go."""
@@ -306,7 +364,16 @@ class GradingContext:
         if self.bench.grader != "code":
             return record.get("meta", {})
         task_id = record["reference"]
-        return {"dataset": self.dataset, "problem": self.problems[task_id], "expected": self.expected[task_id]}
+        return {"dataset": self.dataset, "problem": self.problems[task_id], "expected": self.expected[task_id],
+                "sandbox": self.sandbox}
+
+
+def code_sandbox(requested: str, allow_unsandboxed: bool) -> str:
+    """The sandbox mechanism for code benchmarks (probed once per process); none works: refused, up front."""
+    try:
+        return choose_sandbox(requested, allow_unsandboxed)
+    except SandboxUnavailable as err:
+        raise bm.BenchmarkError(f"code benchmarks refused: {err}") from None
 
 
 def evaluate(config: EvalConfig) -> dict:

@@ -20,6 +20,23 @@ class UnsupportedModelError(ValueError):
     """An HF model this converter cannot map exactly."""
 
 
+def _refuse_sliding_window(config: Any) -> None:
+    """Sliding-window attention (Qwen2 ``use_sliding_window``, ``layer_types`` with sliding layers) is not
+    built: megatron attends to the whole causal context, so logits beyond the window would silently differ."""
+    window = getattr(config, "sliding_window", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if window is None or (positions is not None and window >= positions):
+        return  # a window that covers every position never binds
+    sliding = [i for i, t in enumerate(getattr(config, "layer_types", None) or []) if t == "sliding_attention"]
+    if sliding or getattr(config, "use_sliding_window", False):
+        where = f"layers {sliding}" if sliding else "use_sliding_window=true"
+        raise UnsupportedModelError(
+            f"sliding-window attention ({where}, window {window} < {positions} positions) is not supported: "
+            "megatron-sft attends to the full causal context, so the converted model would differ from HF beyond "
+            "the window; set use_sliding_window=false in config.json only if the model was trained without it"
+        )
+
+
 @dataclass
 class ModelArgs:
     architecture: str  # HF class name, e.g. Qwen2ForCausalLM
@@ -68,6 +85,7 @@ class ModelArgs:
         qkv_bias = arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False))
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModelError("mlp_bias=True is not supported")
+        _refuse_sliding_window(config)
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
         return cls(
             architecture=arch,

@@ -119,7 +119,9 @@ class SequenceParallelTorchNorm:
     ``WrappedTorchNorm`` refuses ``sequence_parallel=True`` although a norm is per token: under SP each
     rank normalises its own slice of the sequence. Its weight then gets a partial gradient on every TP
     rank, so it is tagged ``sequence_parallel`` for ``finalize_model_grads`` to all-reduce over TP (what
-    the TE and Apex norms do).
+    the TE and Apex norms do). ``torch.nn.RMSNorm`` creates its weight in the default dtype (fp32); it is
+    cast to ``config.params_dtype`` like every other parameter, so that a bf16 checkpoint converts and exports
+    with bf16 norms (bit-exact round trip) instead of upcasting them.
     """
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
@@ -129,7 +131,7 @@ class SequenceParallelTorchNorm:
 
         plain = copy.copy(config)
         plain.sequence_parallel = False
-        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs).to(dtype=config.params_dtype)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm

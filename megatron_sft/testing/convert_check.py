@@ -8,12 +8,36 @@ from typing import Optional
 import torch
 
 
-def convert_and_export_worker(hf_dir: str, ckpt_dir: str, export_dir: str) -> None:
+def convert_and_export_worker(hf_dir: str, ckpt_dir: str, export_dir: str, dtype: Optional[str] = None,
+                              max_shard_bytes: int = 64 * 1024) -> None:
+    """HF -> mcore -> HF, ``dtype`` given to both conversions (None: the checkpoint's own); several shards."""
     from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_sft.convert.mcore_to_hf import convert_mcore_to_hf
 
-    convert_hf_to_mcore(hf_dir, ckpt_dir, progress=False)
-    convert_mcore_to_hf(ckpt_dir, export_dir, progress=False, max_shard_bytes=64 * 1024)  # several shards
+    convert_hf_to_mcore(hf_dir, ckpt_dir, progress=False, dtype=dtype)
+    convert_mcore_to_hf(ckpt_dir, export_dir, progress=False, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+def safetensors_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in ``path`` by name."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same_tensors(original: dict[str, torch.Tensor], exported: dict[str, torch.Tensor]) -> None:
+    """Same names, and per tensor the same dtype, shape and bytes (``torch.equal`` ignores dtype)."""
+    assert sorted(original) == sorted(exported)
+    for name, tensor in original.items():
+        other = exported[name]
+        assert (other.dtype, tuple(other.shape)) == (tensor.dtype, tuple(tensor.shape)), (
+            name, other.dtype, tuple(other.shape), tensor.dtype, tuple(tensor.shape))
+        same = tensor.contiguous().view(torch.uint8).flatten().numpy().tobytes() == \
+            other.contiguous().view(torch.uint8).flatten().numpy().tobytes()
+        assert same, f"{name}: bytes differ"
 
 
 def logits_worker(ckpt_dir: str, tensor_parallel: int, pipeline_parallel: int, input_ids: torch.Tensor,

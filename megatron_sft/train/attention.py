@@ -55,4 +55,8 @@ def attention_inputs(batch: dict[str, torch.Tensor], use_thd: bool) -> tuple[dic
     # THD always (packed or not), so every micro-batch reaches the pipeline schedule as one [b*s] row
     params = thd_packed_seq_params(sequence_ids)
     flat = {key: value.reshape(1, -1) for key, value in batch.items()}
+    # sequence ids restart in every row: offset them so that the flattened row keeps sequences apart
+    # (reduction=sequence_mean counts per sequence id within a row)
+    offset = torch.arange(sequence_ids.size(0), device=sequence_ids.device).unsqueeze(1) * (int(sequence_ids.max()) + 1)
+    flat["sequence_ids"] = torch.where(sequence_ids >= 0, sequence_ids + offset, -1).reshape(1, -1)
     return flat, None, params

@@ -41,7 +41,7 @@ def load_rows(paths: list[str], data: DataConfig, tokenizer: Any) -> TrainingRow
 
     def all_rows():
         for path in paths:
-            yield from read_rows(path)
+            yield from read_rows(path, bad_lines="yield")  # undecodable lines: skipped or reported per data.on_bad_row
 
     examples, report = tokenize_rows(all_rows(), formatter, on_bad_row=data.on_bad_row)
     rows = pack_examples(examples, data.max_length) if data.packing else single_rows(examples)

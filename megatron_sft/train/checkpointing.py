@@ -6,9 +6,10 @@
                                        trainer_state.json (step, sampler, scheduler) and rng/rank*.pt
     OUTPUT/checkpoints/latest          the name of the newest complete checkpoint
 
-A checkpoint is written to a hidden temporary directory and renamed into place, and ``latest`` is replaced
-atomically after that, so a crash at any moment leaves ``latest`` naming a loadable checkpoint. Only the
-newest ``keep_last`` are kept.
+A checkpoint is written to a hidden temporary directory, its ``manifest.json`` (every file's size and CRC-32,
+see checkpoint_integrity.py) last, then renamed into place, and ``latest`` is replaced atomically after that,
+so a crash at any moment leaves ``latest`` naming a loadable checkpoint. Only the newest ``keep_last`` are
+kept. A save that does not fit is refused or cleaned up (save_guard.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ from megatron_sft.model.checkpoint import (
     temporary_sibling,
 )
 from megatron_sft.parallel import barrier
+from megatron_sft.train.checkpoint_integrity import write_manifest
 from megatron_sft.train.model_setup import TrainingModel, chunks_sharded_state_dict
+from megatron_sft.train.save_guard import NoSpaceError, check_free_space, checkpoint_bytes, guarded_write
 
 OPTIMIZER_DIR = "optimizer"
 STATE_FILE = "trainer_state.json"
@@ -82,37 +85,114 @@ def save_training_checkpoint(
     save_optimizer: bool = True,
     keep_last: int = 2,
 ) -> Path:
-    """Collective. Returns the final directory."""
-    from megatron.core import dist_checkpointing
-
+    """Collective. Returns the final directory. A manifest (sizes, CRC-32s) is written last, before the
+    atomic ``latest`` update; a save that does not fit raises :class:`NoSpaceError` with ``latest`` kept."""
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
     tmp = temporary_sibling(final)
-    if _rank() == 0:
+    known = checkpoint_bytes(_latest_or_none(root))  # the previous checkpoint's size: this one's, near enough
+    needed = known or _estimated_bytes(model, save_optimizer)
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_temporary_sibling(final)
+        check_free_space(root, known)
+        fresh_temporary_sibling(final)
         for sub in (MODEL_DIR, OPTIMIZER_DIR, RNG_DIR):
             (tmp / sub).mkdir()
+
+    def write_rank0_files() -> None:
+        _write_rank0_files(model, tmp, step, trainer_state, tokenizer_src, save_optimizer)
+
+    _agree_on_failure(_attempt(lambda: guarded_write(prepare, tmp, root, needed)) if _rank() == 0 else None, tmp)
+    _agree_on_failure(_attempt(lambda: guarded_write(lambda: _write_shards(model, tmp, save_optimizer), tmp, root, needed)), tmp)
+    _agree_on_failure(_attempt(lambda: guarded_write(write_rank0_files, tmp, root, needed)) if _rank() == 0 else None, tmp)
+    write_manifest(tmp)
     barrier()
+    if _rank() == 0:
+        replace_directory(tmp, final)
+        _write_latest(root, final.name)
+        _prune(root, keep_last, keep=final.name)
+    barrier()
+    return final
+
+
+def _estimated_bytes(model: TrainingModel, save_optimizer: bool) -> int:
+    """Collective. About what a save writes: the weights in their dtype plus, with the optimizer, fp32 main
+    parameters and two Adam moments (12 bytes per parameter); used in the no-space message of a first save."""
+    from megatron.core import parallel_state as ps
+
+    params = [p for module in model.modules for p in module.parameters()]
+    total = torch.tensor([float(sum(p.numel() * p.element_size() for p in params)), float(sum(p.numel() for p in params))],
+                         dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= ps.get_data_parallel_world_size()  # data-parallel replicas hold the same weights
+    weights, count = total.tolist()
+    return int(weights + (12 * count if save_optimizer else 0))
+
+
+def _latest_or_none(root: Path) -> Optional[Path]:
+    try:
+        return latest_checkpoint(root)
+    except FileNotFoundError:
+        return None
+
+
+class CheckpointWriteError(RuntimeError):
+    """Raised on the ranks whose own part of a save succeeded when another rank's failed."""
+
+    secondary = True  # the launcher reports the failing rank's own error instead
+
+
+def _attempt(action: Callable[[], None]) -> Optional[BaseException]:
+    try:
+        action()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - handed to _agree_on_failure (CheckpointException is one)
+        return err
+    return None
+
+
+def _agree_on_failure(failure: Optional[BaseException], tmp: Path) -> None:
+    """Collective. If any rank failed, every rank raises (the failing one its own error, the others the same
+    no-space line, or :class:`CheckpointWriteError`) and the partial folder is removed; else returns."""
+    report = None if failure is None else (isinstance(failure, NoSpaceError), str(failure))
+    reports = [report]
+    if dist.is_initialized():
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, report)
+    reported = [r for r in reports if r is not None]
+    if not reported:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failure is not None:
+        raise failure
+    no_space, message = reported[0]
+    raise NoSpaceError(message) if no_space else CheckpointWriteError(f"checkpoint save failed on another rank: {message}")
+
+
+def _write_shards(model: TrainingModel, tmp: Path, save_optimizer: bool) -> None:
+    """Every rank's part: the model and optimizer shards (megatron-core dist checkpoints) and its RNG."""
+    from megatron.core import dist_checkpointing
+
     model_sd = chunks_sharded_state_dict(model.modules)
     dist_checkpointing.save(model_sd, str(tmp / MODEL_DIR))
     if save_optimizer:
         optim_sd = model.optimizer.sharded_state_dict(chunks_sharded_state_dict(model.modules), metadata=OPTIMIZER_METADATA)
         dist_checkpointing.save(optim_sd, str(tmp / OPTIMIZER_DIR))
     torch.save(rng_state(), tmp / RNG_DIR / f"rank{_rank()}.pt")
-    barrier()
-    if _rank() == 0:
-        model.args.save(tmp / MODEL_ARGS_FILE)
-        if tokenizer_src is not None:
-            copy_tokenizer_files(Path(tokenizer_src), tmp / TOKENIZER_DIR)
-        state = dict(trainer_state, step=step, scheduler=model.scheduler.state_dict(), has_optimizer=save_optimizer,
-                     world_size=dist.get_world_size() if dist.is_initialized() else 1)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        replace_directory(tmp, final)
-        _write_latest(root, final.name)
-        _prune(root, keep_last, keep=final.name)
-    barrier()
-    return final
+
+
+def _write_rank0_files(model: TrainingModel, tmp: Path, step: int, trainer_state: dict[str, Any],
+                       tokenizer_src: Optional[str | Path], save_optimizer: bool) -> None:
+    model.args.save(tmp / MODEL_ARGS_FILE)
+    if tokenizer_src is not None:
+        copy_tokenizer_files(Path(tokenizer_src), tmp / TOKENIZER_DIR)
+    state = dict(trainer_state, step=step, scheduler=model.scheduler.state_dict(), has_optimizer=save_optimizer,
+                 world_size=dist.get_world_size() if dist.is_initialized() else 1)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
 def _write_latest(root: Path, name: str) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from megatron_sft.train.config_checks import check_numbers
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key and what to do."""
@@ -24,6 +26,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     checkpoint: str = ""  # a megatron-sft checkpoint (megatron-sft convert hf-to-mcore)
     recompute: Literal["none", "full", "selective"] = "none"  # activation recomputation
+    fused_output_loss: bool = True  # output layer + f(p) loss chunk by chunk: the logits are never whole
+    loss_chunk_tokens: int = 512  # tokens per chunk of the fused output loss
 
 
 @dataclass
@@ -47,6 +51,7 @@ class DataConfig:
     max_length: int = 2048
     truncation: Literal["truncate", "drop", "error"] = "truncate"
     on_bad_row: Literal["error", "skip"] = "error"
+    max_dropped_fraction: float = 0.05  # dropped (truncation=drop) + skipped rows above this fraction: refuse to train
     add_eos: bool = True
     packing: bool = True
     seed: int = 1234
@@ -93,6 +98,7 @@ class CheckpointConfig:
     keep_last: int = 2
     save_optimizer: bool = True  # needed to resume; a model-only checkpoint is enough to export
     export_hf: bool = True  # write OUTPUT/hf (safetensors) at the end
+    verify: Literal["checksum", "size", "none"] = "checksum"  # check a checkpoint against its manifest before resuming
 
 
 @dataclass
@@ -240,6 +246,7 @@ def validate(config: Config) -> None:
     if not config.data.train:
         raise ConfigError("data.train is empty: list the training files (jsonl / parquet / HF dataset directories)")
     parse_objective(config.objective.name)
+    check_numbers(config)
     t, o = config.train, config.optim
     positive = {"train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
                 "train.epochs": t.epochs, "data.max_length": config.data.max_length,
@@ -267,6 +274,11 @@ FIELD_HELP = {
     "output_dir": "(required) run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, hf/",
     "model.checkpoint": "(required) megatron-sft checkpoint to start from (`convert hf-to-mcore`, or a training checkpoint)",
     "model.recompute": "activation recomputation: none | selective (attention core) | full (whole layers)",
+    "model.fused_output_loss": "compute the output layer and the f(p) loss together, chunk by chunk, so the "
+    "[tokens, vocab/TP] logits are never held (any objective, TP, SP; equal to the unfused path within fp32 "
+    "rounding); false: megatron-core's output layer, then the loss on its logits",
+    "model.loss_chunk_tokens": "tokens per chunk of the fused output loss: peak extra memory is about "
+    "chunk x vocab/TP x 6 bytes (bf16); smaller saves memory, larger has fewer TP all-reduces",
     "parallel.tensor": "tensor-parallel size (divides attention heads and KV heads)",
     "parallel.pipeline": "pipeline-parallel size (divides the layers)",
     "parallel.virtual_pipeline": "model chunks per pipeline rank for interleaved 1F1B (null: off)",
@@ -282,6 +294,7 @@ FIELD_HELP = {
     "data.max_length": "tokens per sequence (and per packed row)",
     "data.truncation": "rows over max_length: truncate | drop (skip, counted) | error",
     "data.on_bad_row": "a malformed row: error (names FILE:ROW) | skip (counted in the log)",
+    "data.max_dropped_fraction": "refuse to train when more than this fraction of rows is dropped or skipped",
     "data.add_eos": "append the tokenizer's eos token to every response",
     "data.packing": "pack several sequences per row (attention stays within each sequence)",
     "data.seed": "seed of the data order (epoch e uses seed + e)",
@@ -310,6 +323,7 @@ FIELD_HELP = {
     "checkpoint.keep_last": "checkpoints kept; older ones are deleted",
     "checkpoint.save_optimizer": "include the optimizer state (needed for --resume)",
     "checkpoint.export_hf": "write OUTPUT/hf (safetensors) from the final checkpoint",
+    "checkpoint.verify": "before resuming, check files against the manifest: checksum (sizes + CRC-32) | size | none",
     "log.every_steps": "print the step line every N steps",
     "log.tensorboard": "write OUTPUT/tensorboard",
     "log.wandb": "log to Weights & Biases (pip install 'megatron-sft[wandb]')",

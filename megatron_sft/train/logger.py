@@ -17,6 +17,7 @@ import torch
 
 from megatron_sft.model.args import ModelArgs
 from megatron_sft.train.config import LogConfig
+from megatron_sft.train.metrics_resume import cut_metrics_back
 
 # dense bf16 tensor-core peak per GPU (FLOP/s), by device-name substring
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
@@ -47,11 +48,13 @@ class RunLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        cut_metrics_back(output_dir / "metrics.jsonl", start_step)  # a resume logs the later steps again
         self.metrics_file = (output_dir / "metrics.jsonl").open("a")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            # purge_step: TensorBoard hides an earlier session's events from this step on
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
         if cfg.wandb:
             try:
                 import wandb
@@ -114,7 +117,7 @@ def format_line(step: int, total: int, epoch: float, m: dict[str, Any]) -> str:
     if "lr" in m:
         parts.append(f"lr {m['lr']:.3e}")
     if m.get("grad_norm") is not None:
-        parts.append(f"grad_norm {m['grad_norm']:.3f}")
+        parts.append(f"grad_norm {m['grad_norm']:.4g}")  # 4 significant digits (metrics.jsonl: full)
     if "tokens_per_s" in m:
         parts.append(f"tok/s {m['tokens_per_s']:.0f}")
     parts.append(f"mfu {m['mfu']:.1%}" if m.get("mfu") is not None else "mfu n/a (cpu)")

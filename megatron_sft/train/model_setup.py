@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_sft.fused_output_loss import install_fused_output_layer
 from megatron_sft.model.args import ModelArgs
 from megatron_sft.model.builder import build_gpt_model, build_transformer_config
 from megatron_sft.model.checkpoint import MODEL_DIR, read_model_args
@@ -27,6 +28,7 @@ class TrainingModel:
     optimizer: object
     scheduler: object
     config: object  # the TransformerConfig shared by the chunks
+    loss_chunk_tokens: int = 0  # > 0: the fused output loss, with chunks of this many tokens
 
     @property
     def modules(self) -> list:
@@ -89,6 +91,10 @@ def build_training_model(cfg: Config, total_steps: int, load_weights: bool = Tru
         ))
     if load_weights:
         load_chunk_weights(modules, Path(cfg.model.checkpoint) / MODEL_DIR)
+    if cfg.model.fused_output_loss:
+        for module in modules:
+            if module.post_process:
+                install_fused_output_layer(module)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -137,7 +143,8 @@ def build_training_model(cfg: Config, total_steps: int, load_weights: bool = Tru
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
-    return TrainingModel(args=args, chunks=chunks, optimizer=optimizer, scheduler=scheduler, config=tconfig)
+    return TrainingModel(args=args, chunks=chunks, optimizer=optimizer, scheduler=scheduler, config=tconfig,
+                         loss_chunk_tokens=cfg.model.loss_chunk_tokens if cfg.model.fused_output_loss else 0)
 
 
 def count_parameters(args: ModelArgs) -> tuple[int, int]:

@@ -17,12 +17,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_sft.loss import reduce_loss, token_p_stats, vocab_parallel_objective_loss
+from megatron_sft.fused_output_loss import fused_output_objective_loss, fused_output_weight
+from megatron_sft.loss import LossOutput, reduce_loss, token_p_stats, vocab_parallel_objective_loss
 from megatron_sft.model.builder import transformer_engine_available
 from megatron_sft.objectives import Objective, _gather_valid
 from megatron_sft.parallel import current_device
 from megatron_sft.train.attention import attention_inputs
 from megatron_sft.train.config import ObjectiveConfig
+from megatron_sft.train.grad_dump import dump_path, dump_step_gradients
 from megatron_sft.train.model_setup import TrainingModel, grads_finite, zero_grads
 
 # per-micro-batch statistics summed over the step: loss numerator, denominator, per-micro-batch mean
@@ -61,6 +63,7 @@ class StepRunner:
         # adaptive objectives: exponential moving average of the global batches' mean token p, updated after
         # every step; measured on the first step's batch when unset (saved in checkpoints for resume)
         self.running_mean_p: Optional[float] = None
+        self._dump_gradients_to = dump_path()  # debug: MEGATRON_SFT_DUMP_GRADS (first step's gradients)
 
     def current_objective(self) -> Objective:
         """The objective as it stands now (an adaptive one resolved at the running mean p)."""
@@ -78,14 +81,13 @@ class StepRunner:
             batch, attention_mask, packed = attention_inputs(batch, self.use_thd)
             output = chunk(batch["tokens"], batch["position_ids"], attention_mask, packed_seq_params=packed)
 
-            def loss_func(logits: torch.Tensor):
-                out = vocab_parallel_objective_loss(
-                    logits, batch["labels"], objective, batch["loss_mask"], vocab_size=self.vocab_size
-                )
+            def loss_func(logits: torch.Tensor):  # the hidden states [b, s, h] with the fused output loss
+                out = self._objective_loss(chunk, logits, batch, objective)
                 if collect_p:
                     sink.append(out.p[out.valid].detach())
                     return logits.sum() * 0.0, torch.tensor(0, dtype=torch.int, device=device), {}
-                numerator, denominator = reduce_loss(out, cfg.reduction, cfg.denominator, batch["sequence_ids"])
+                # GPTModel returns logits as [b, s, V]: rows are dimension 0
+                numerator, denominator = reduce_loss(out, cfg.reduction, cfg.denominator, batch["sequence_ids"], batch_dim=0)
                 sum_p, valid = token_p_stats(out)
                 sink.append(torch.stack([
                     numerator.detach(), denominator, numerator.detach() / denominator.clamp_min(1), sum_p, valid,
@@ -96,6 +98,16 @@ class StepRunner:
             return output, loss_func
 
         return forward_step
+
+    def _objective_loss(self, chunk, output: torch.Tensor, batch: dict, objective: Objective) -> LossOutput:
+        """Per-token f(p) from the last stage's output: logits, or hidden states when the output layer is fused
+        with the loss (``model.fused_output_loss``)."""
+        if self.model.loss_chunk_tokens:
+            return fused_output_objective_loss(
+                output, fused_output_weight(chunk), batch["labels"], objective, batch["loss_mask"],
+                vocab_size=self.vocab_size, chunk_tokens=self.model.loss_chunk_tokens)
+        return vocab_parallel_objective_loss(output, batch["labels"], objective, batch["loss_mask"],
+                                             vocab_size=self.vocab_size)
 
     def _run(self, micro_batches: list[dict], forward_step, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -168,6 +180,9 @@ class StepRunner:
         self._run(micro_batches, self._forward_step(objective, sink), forward_only=False)
         stats = self._reduce_stats(sink)
         loss = self._loss_value(stats)
+        if self._dump_gradients_to:  # before clipping and the optimizer step
+            dump_step_gradients(model, micro_batches, self._dump_gradients_to, loss=loss, objective=objective.spec)
+            self._dump_gradients_to = None
         skipped, grad_norm = False, None
         if not (math.isfinite(loss) and grads_finite(model)):
             message = (f"non-finite loss ({loss}) or gradient at this step; lower optim.lr, check the data, or set "

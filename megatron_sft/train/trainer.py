@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -17,17 +16,20 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_sft import stop_signal
+from megatron_sft.data.drop_limit import check_dropped_fraction, dropped_summary
 from megatron_sft.library_warnings import quiet_library_warnings
 from megatron_sft.model.checkpoint import TOKENIZER_DIR
 from megatron_sft.objectives import parse_objective
 from megatron_sft.parallel import current_device
 from megatron_sft.train.batches import BatchShape, TrainingRows, load_rows, round_up
-from megatron_sft.train.checkpointing import (
-    latest_checkpoint, load_training_checkpoint, save_training_checkpoint,
-)
+from megatron_sft.train.checkpoint_integrity import choose_resume_checkpoint
+from megatron_sft.train.checkpointing import LATEST, STATE_FILE, load_training_checkpoint, save_training_checkpoint
 from megatron_sft.train.config import Config, ConfigError, check_checkpoint_exists
 from megatron_sft.train.logger import RunLogger, flops_per_token, peak_flops
 from megatron_sft.train.model_setup import build_training_model
+from megatron_sft.train.run_lock import RunLockedError, lock_for_training
+from megatron_sft.train.save_guard import remove_stale_temporaries
 from megatron_sft.train.step import StepRunner
 
 
@@ -48,15 +50,11 @@ class _StopSignal:
     """SIGTERM / SIGUSR1 (Slurm preemption or time limit) ask for a checkpoint and a clean exit."""
 
     def __init__(self) -> None:
-        self.received: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. embedded use): no handler
-                pass
+        stop_signal.install()  # usually installed already at process start (a stop during start-up counts too)
 
-    def _handle(self, signum, _frame) -> None:
-        self.received = signum
+    @property
+    def received(self) -> Optional[int]:
+        return stop_signal.received()
 
     def agreed(self) -> bool:
         """True on every rank when any rank got a signal (ranks must stop at the same step)."""
@@ -70,7 +68,8 @@ def _data_report(name: str, data: TrainingRows, packing: bool) -> str:
     r = data.report
     lines = [f"{name}: {r.rows} rows read, {r.kept} used, {r.truncated} truncated, "
              f"{sum(r.skipped.values())} skipped; {data.sequences} sequences -> {len(data.rows)} "
-             f"{'packed rows' if packing else 'rows'}; {data.tokens} tokens, {data.target_tokens} trained on"]
+             f"{'packed rows' if packing else 'rows'}; {data.tokens} tokens, {data.target_tokens} trained on; "
+             f"{dropped_summary(r)}"]
     for reason, count in r.skipped.items():
         lines.append(f"  skipped {count}: {reason}")
     for message in r.first_skipped:
@@ -79,6 +78,58 @@ def _data_report(name: str, data: TrainingRows, packing: bool) -> str:
 
 
 def train(cfg: Config, resume: bool = False) -> TrainSummary:
+    """The whole run, holding the output directory's run lock (run_lock.py) from before anything is written."""
+    from megatron_sft.parallel import init_distributed
+
+    stop_signal.install()
+    quiet_library_warnings()
+    rank, _ = init_distributed()
+    lock, refusal = None, [None]
+    try:
+        lock = lock_for_training(cfg.output_dir, rank)
+    except RunLockedError as err:
+        refusal = [str(err)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)  # every rank stops when rank 0 is refused
+    if refusal[0] is not None:
+        raise RunLockedError(refusal[0])
+    try:
+        if _StopSignal().agreed():  # stopped while starting: leave before reading data or building the model
+            return _stopped_at_start_up(rank == 0)
+        return _train(cfg, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _stopped_at_start_up(main: bool) -> TrainSummary:
+    if main:
+        print(f"received signal {stop_signal.received() or 'on another rank'} during start-up: exiting before "
+              "training with nothing new to save. Continue with --resume.", flush=True)
+    return TrainSummary(steps=0, first_loss=None, last_loss=None, first_mean_p=None, last_mean_p=None, checkpoint=None,
+                        export=None, stopped_by_signal=True, losses=[])
+
+
+def _resume_checkpoint(checkpoints: Path, resume: bool, verify: str, main: bool) -> Optional[Path]:
+    """Collective. None for a fresh run; else the newest intact checkpoint (damaged ones reported, skipped)."""
+    if main:
+        removed = remove_stale_temporaries(checkpoints)
+        if removed:
+            print(f"removed {len(removed)} unfinished save(s) of an earlier run: {', '.join(removed)}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    pointer = checkpoints / LATEST
+    if not pointer.is_file():
+        return None
+    latest = pointer.read_text().strip()
+    if not resume:
+        raise ConfigError(f"{checkpoints.parent} already has checkpoints (latest: {latest}); pass --resume to continue "
+                          "that run, or choose another output_dir")
+    say = (lambda message: print(message, flush=True)) if main else (lambda message: None)
+    return choose_resume_checkpoint(checkpoints, latest, verify, STATE_FILE, say)
+
+
+def _train(cfg: Config, resume: bool) -> TrainSummary:
     from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
 
@@ -93,10 +144,7 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
     main = rank == 0
     out = Path(cfg.output_dir)
     checkpoints = out / "checkpoints"
-    existing = latest_checkpoint(checkpoints)
-    if existing is not None and not resume:
-        raise ConfigError(f"{out} already has checkpoints (latest: {existing.name}); pass --resume to continue "
-                          "that run, or choose another output_dir")
+    existing = _resume_checkpoint(checkpoints, resume, cfg.checkpoint.verify, main)
     if main:  # a resumed run is not complete until it finishes again (job scripts requeue on its absence)
         (out / COMPLETED_MARKER).unlink(missing_ok=True)
 
@@ -114,7 +162,10 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
     tokenizer_dir = Path(cfg.model.checkpoint) / TOKENIZER_DIR
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     data = load_rows(cfg.data.train, cfg.data, tokenizer)
+    check_dropped_fraction(data.report, cfg.data.max_dropped_fraction, "data.train")
     eval_data = load_rows(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
+    if eval_data is not None:
+        check_dropped_fraction(eval_data.report, cfg.data.max_dropped_fraction, "data.eval")
     sampler = ShardedSampler(len(data.rows), t.global_batch_size, dp_rank, dp, seed=cfg.data.seed)
     total_steps = sampler.steps_per_epoch * t.epochs
     run_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
@@ -144,7 +195,9 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
         log.print(f"layout: {world} ranks = TP {par.tensor} x PP {par.pipeline}"
                   f"{f' (x{par.virtual_pipeline} virtual)' if par.virtual_pipeline else ''} x DP {dp}"
                   f"{', SP' if par.sequence_parallel and par.tensor > 1 else ''}; {num_micro} micro-batches of "
-                  f"{t.micro_batch_size} per rank per step; objective {objective.spec} ({objective.formula}); "
+                  f"{t.micro_batch_size} per rank per step; output loss "
+                  f"{f'fused (chunks of {model.loss_chunk_tokens} tokens)' if model.loss_chunk_tokens else 'unfused'}; "
+                  f"objective {objective.spec} ({objective.formula}); "
                   f"{total_steps} steps over {t.epochs} epochs"
                   f"{f', running {run_steps}' if run_steps < total_steps else ''}"
                   f"{f'; resumed from {existing.name}' if existing is not None else ''}")
@@ -159,8 +212,11 @@ def train(cfg: Config, resume: bool = False) -> TrainSummary:
     step = start_step
     trainer_state = lambda: {"sampler": sampler.state_dict(), "data_rows": len(data.rows),  # noqa: E731
                              "running_mean_p": runner.running_mean_p}
-    stopped = False
-    while step < run_steps:
+    stopped = stop.agreed()  # a stop during start-up: exit before the first step, nothing new to save
+    if stopped:
+        log.print(f"received signal {stop.received or 'on another rank'} during start-up: exiting before step "
+                  f"{step + 1} with nothing new to save. Continue with --resume.")
+    while not stopped and step < run_steps:
         epoch, epoch_step, rows = sampler.next_step()
         micro_batches = shape.micro_batches([data.rows[i] for i in rows])
         result = runner.train_step(micro_batches, t.on_nonfinite)

@@ -1,0 +1,246 @@
+"""Output layer and f(p) objective fused, chunk by chunk: the [tokens, V/tp] logits are never whole.
+
+The unfused path keeps one fp32 [tokens, V/tp] buffer from forward to backward (plus the output layer's own
+logits), the largest activation of an SFT step on a 150k vocabulary. Here the logits of ``chunk_tokens``
+tokens at a time are computed from the hidden states and this rank's weight shard, reduced to per-token
+statistics (max, log-sum-exp, log p, log(1 - p); the same TP all-reduces as :mod:`megatron_sft.loss`), and
+dropped. Only tokens that count are computed: invalid tokens (prompt, padding, ``ignore_index``) in forward,
+and in backward only tokens with a non-zero gradient (not deselected by a threshold/percentile).
+
+Forward: pass 1 over the chunks gives every token's p; then the objective's selection (a percentile needs
+all of them, and the data-parallel group's), its value and weight w(p) = -f'(p) p. Backward recomputes each
+chunk's logits and applies ``grad_logits = g * w * (softmax - onehot)`` (the target entry from the exact
+1 - p, as in the unfused loss) with the upstream gradient g of each token as it arrives, so any per-token
+reduction (token mean, sequence mean, ...) is exact; grad_h = grad_logits @ W, grad_W += grad_logits^T h.
+Recomputing costs one more matmul per chunk than keeping the logits: the price of never holding them.
+
+Peak extra memory: one chunk's fp32 [chunk, V/tp] and its copy in the input dtype, plus fp32 grad_W for
+bf16 weights. The caller gathers the sequence-parallel hidden states (or marks them for the TP all-reduce of
+their gradient) exactly as megatron-core's ColumnParallelLinear would: :func:`output_layer_input`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_sft.loss import (
+    _DEFAULT, LossOutput, _all_reduce, _group_rank_and_size, resolve_objective_and_groups, valid_target_mask,
+)
+from megatron_sft.objectives import Objective
+
+Tensor = torch.Tensor
+DEFAULT_CHUNK_TOKENS = 512
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, pad_from: Optional[int]) -> Tensor:
+    """fp32 logits of this chunk on this rank's vocabulary shard, padded columns at -inf. Computed in the input
+    dtype then upcast, as the unfused output layer + loss would see them."""
+    logits = torch.matmul(hidden, weight.t()).float()
+    if pad_from is not None:
+        logits[:, pad_from:] = float("-inf")
+    return logits
+
+
+def _chunk_statistics(logits: Tensor, local_target: Tensor, in_partition: Tensor,
+                      tp_group: Optional[dist.ProcessGroup]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(max, log-sum-exp, log p, log(1 - p)) per token of a chunk, over the whole (TP-sharded) vocabulary."""
+    logits_max = logits.amax(dim=-1)
+    _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+    logits -= logits_max.unsqueeze(-1)
+    index = local_target.unsqueeze(-1)
+    target_logit = logits.gather(-1, index).squeeze(-1).masked_fill(~in_partition, 0.0)
+    torch.exp(logits, out=logits)
+    # the target entry zeroed on the rank that holds it: the sum is the other tokens' mass, so 1 - p has no
+    # cancellation when p -> 1
+    logits.scatter_(-1, index, logits.gather(-1, index).masked_fill(in_partition.unsqueeze(-1), 0.0))
+    others = logits.sum(dim=-1)
+    stats = torch.stack([target_logit, others])
+    _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
+    target_logit, others = stats[0], stats[1]
+    log_sum_exp = torch.log(others + target_logit.exp())
+    logp = target_logit - log_sum_exp
+    p = logp.exp()
+    log1mp = torch.where(p < 0.5, torch.log1p(-p), torch.log(others) - log_sum_exp)
+    return logits_max, log_sum_exp, logp, log1mp
+
+
+class _FusedOutputObjectiveLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, valid: Tensor, objective: Objective,  # type: ignore[override]
+                vocab_size: Optional[int], tp_group: Optional[dist.ProcessGroup],
+                select_group: Optional[dist.ProcessGroup], chunk_tokens: int):
+        tp_rank, _ = _group_rank_and_size(tp_group)
+        partition = weight.size(0)
+        start = tp_rank * partition
+        pad_from = max(vocab_size - start, 0) if vocab_size is not None and vocab_size < start + partition else None
+        rows = valid.nonzero().squeeze(-1)  # same on every TP rank (labels are replicated): same chunks
+        n = target.numel()
+        logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        log1mp = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        shift = torch.zeros(n, dtype=torch.float32, device=hidden.device)  # max + log-sum-exp, for the softmax
+        with torch.no_grad():
+            for begin in range(0, rows.numel(), chunk_tokens):
+                idx = rows[begin:begin + chunk_tokens]
+                local, inside = _local_targets(target[idx], start, partition)
+                logits = _chunk_logits(hidden[idx], weight, pad_from)
+                logits_max, log_sum_exp, logp[idx], log1mp[idx] = _chunk_statistics(logits, local, inside, tp_group)
+                shift[idx] = logits_max + log_sum_exp
+                del logits
+        p = logp.exp()
+        selected = objective.select(p, valid, select_group)
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.where(selected, objective.value(logp, log1mp), zero)
+        token_weight = torch.where(selected, objective.weight(logp, log1mp), zero)
+        ctx.save_for_backward(hidden, weight, target, token_weight, shift, log1mp.exp())
+        ctx.settings = (start, partition, pad_from, tp_group, chunk_tokens)
+        ctx.mark_non_differentiable(p, selected)
+        return loss, p, selected
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_p: Tensor, _grad_selected: Tensor):  # type: ignore[override]
+        hidden, weight, target, token_weight, shift, one_minus_p = ctx.saved_tensors
+        start, partition, pad_from, tp_group, chunk_tokens = ctx.settings
+        scale = token_weight * grad_loss.float()
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        rows = (scale != 0).nonzero().squeeze(-1)  # tokens without gradient cost nothing
+        for begin in range(0, rows.numel(), chunk_tokens):
+            idx = rows[begin:begin + chunk_tokens]
+            local, inside = _local_targets(target[idx], start, partition)
+            grad = _chunk_logits(hidden[idx], weight, pad_from)
+            grad.sub_(shift[idx].unsqueeze(-1)).exp_()  # this shard's softmax
+            grad.mul_(scale[idx].unsqueeze(-1))
+            index = local.unsqueeze(-1)  # target entry: -g w (1 - p) from the exact 1 - p
+            target_grad = torch.where(inside, -scale[idx] * one_minus_p[idx], grad.gather(-1, index).squeeze(-1))
+            grad.scatter_(-1, index, target_grad.unsqueeze(-1))
+            low = grad.to(hidden.dtype)  # what the unfused output layer's backward gets (no copy in fp32)
+            h = hidden[idx]
+            grad_hidden[idx] = torch.matmul(low, weight)
+            _accumulate_weight_grad(grad_weight, grad, low, h)
+            del grad, low
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
+
+
+WGRAD_BLOCK_ROWS = 16384  # vocabulary rows per low-precision weight-gradient matmul (bounds its temporary)
+
+
+def _accumulate_weight_grad(acc: Tensor, grad32: Tensor, grad_low: Tensor, hidden: Tensor) -> None:
+    """acc += grad^T h into the fp32 accumulator: in place for fp32 inputs; for bf16/fp16 the matmul runs in the
+    input dtype (tensor cores, or the CPU's bf16 units: an fp32 matmul there measured 2.4x slower), a block of
+    vocabulary rows at a time, each block added in fp32 (no weight-sized temporary)."""
+    if hidden.dtype == torch.float32:
+        acc.addmm_(grad32.t(), hidden)
+        return
+    for start in range(0, acc.size(0), WGRAD_BLOCK_ROWS):
+        rows = slice(start, start + WGRAD_BLOCK_ROWS)
+        acc[rows].add_(torch.matmul(grad_low[:, rows].t(), hidden))
+
+
+def _local_targets(target: Tensor, start: int, partition: int) -> tuple[Tensor, Tensor]:
+    inside = (target >= start) & (target < start + partition)
+    return (target - start).masked_fill(~inside, 0), inside
+
+
+def fused_output_objective_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    objective: Objective | str,
+    loss_mask: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    tp_group: Optional[dist.ProcessGroup] | object = _DEFAULT,
+    select_group: Optional[dist.ProcessGroup] | object = _DEFAULT,
+) -> LossOutput:
+    """f(p) per target token from hidden states and this TP rank's output weight shard, logits never whole.
+
+    Args:
+        hidden: [..., h] final hidden states (after the final norm), the full sequence on every TP rank
+            (see :func:`output_layer_input`); bf16 or fp32, statistics in fp32.
+        weight: [V/tp, h] this rank's output (or tied embedding) weight shard; gets its gradient.
+        target: [...] token ids in the unpadded vocabulary, ``ignore_index`` for no-loss tokens.
+        objective, loss_mask, ignore_index, vocab_size, tp_group, select_group: as
+            :func:`megatron_sft.loss.vocab_parallel_objective_loss`, whose outputs this returns.
+        chunk_tokens: tokens per chunk; peak extra memory is chunk_tokens x V/tp x (4 + dtype) bytes.
+    """
+    objective, tp_group, select_group = resolve_objective_and_groups(objective, tp_group, select_group)
+    if hidden.shape[:-1] != target.shape or hidden.size(-1) != weight.size(-1):
+        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and target "
+                         f"{tuple(target.shape)} do not fit: hidden is [..., h], weight [V/tp, h], target [...]")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _, tp_size = _group_rank_and_size(tp_group)
+    full_vocab = vocab_size if vocab_size is not None else weight.size(0) * tp_size
+    valid = valid_target_mask(target, loss_mask, ignore_index, full_vocab)
+    loss, p, selected = _FusedOutputObjectiveLoss.apply(
+        hidden.reshape(-1, hidden.size(-1)), weight, target.reshape(-1), valid.reshape(-1), objective, vocab_size,
+        tp_group, select_group, chunk_tokens)
+    shape = target.shape
+    return LossOutput(per_token_loss=loss.view(shape), p=p.view(shape), valid=valid, selected=selected.view(shape))
+
+
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient over TP. megatron-core's
+    ``copy_to_tensor_model_parallel_region`` all-reduces ``grad.contiguous()`` and returns the original: a
+    non-contiguous gradient (GPTModel transposes its output, so the loss's gradient arrives transposed) would
+    silently stay partial. Here the reduced contiguous gradient is what is returned."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def output_layer_input(hidden: Tensor, sequence_parallel: bool, tp_group: Optional[dist.ProcessGroup]) -> Tensor:
+    """What megatron-core's ColumnParallelLinear feeds its matmul: the SP-gathered sequence (gradient
+    reduce-scattered back), or the replicated hidden states whose gradient is all-reduced over TP."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    if tp_group is None or _group_rank_and_size(tp_group)[1] == 1:
+        return hidden
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=tp_group)
+    return _CopyToTensorParallel.apply(hidden, tp_group)
+
+
+def install_fused_output_layer(gpt_model: torch.nn.Module) -> None:
+    """Make ``gpt_model`` (a last pipeline stage) return the output layer's input instead of logits.
+
+    The output layer's forward is replaced on this instance only (its parameters, names and checkpoints stay as
+    they are): it hands back the hidden states as its matmul would see them (:func:`output_layer_input`) and
+    remembers the weight it was given (the tied embedding or its own), which :func:`fused_output_weight`
+    returns to the loss function. GPTModel transposes them to [b, s, h] as it would the logits."""
+    layer = gpt_model.output_layer
+    used: dict[str, Tensor] = {}  # not an attribute holding the Parameter: that would register it in the state dict
+
+    def forward(input_: Tensor, weight: Optional[Tensor] = None, runtime_gather_output: Optional[bool] = None):
+        if runtime_gather_output:
+            raise ValueError("the fused output loss returns no logits; build the model without it for inference")
+        used["weight"] = layer.weight if weight is None else weight
+        return output_layer_input(input_, layer.sequence_parallel, layer.tp_group), None
+
+    layer.forward = forward
+    layer.fused_output_weight = used
+
+
+def fused_output_weight(chunk: torch.nn.Module) -> Tensor:
+    """The output weight the last forward of ``chunk`` (a GPTModel, possibly wrapped by DDP / Float16Module)
+    used; the fused loss takes it beside the hidden states."""
+    module = chunk
+    while not hasattr(module, "output_layer") and hasattr(module, "module"):
+        module = module.module
+    weight = getattr(getattr(module, "output_layer", None), "fused_output_weight", {}).get("weight")
+    if weight is None:
+        raise RuntimeError("the fused output loss needs install_fused_output_layer() on the last stage's model")
+    return weight

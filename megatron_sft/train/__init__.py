@@ -1,0 +1,1 @@
+"""The training loop: config, model and optimizer set-up, the step, checkpoints and logging."""
