@@ -3,9 +3,10 @@
 The unfused path keeps one fp32 [tokens, V/tp] buffer from forward to backward (plus the output layer's own
 logits), the largest activation of an SFT step on a 150k vocabulary. Here the logits of ``chunk_tokens``
 tokens at a time are computed from the hidden states and this rank's weight shard, reduced to per-token
-statistics (max, log-sum-exp, log p, log(1 - p); the same TP all-reduces as :mod:`megatron_sft.loss`), and
-dropped. Only tokens that count are computed: invalid tokens (prompt, padding, ``ignore_index``) in forward,
-and in backward only tokens with a non-zero gradient (not deselected by a threshold/percentile).
+statistics (max, log-sum-exp, log p, log(1 - p)) by the same steps and TP all-reduces as
+:mod:`megatron_sft.loss`, and dropped. Only tokens that count are computed: invalid tokens (prompt, padding,
+``ignore_index``) in forward, and in backward only tokens with a non-zero gradient (not deselected by a
+threshold/percentile).
 
 Forward: pass 1 over the chunks gives every token's p; then the objective's selection (a percentile needs
 all of them, and the data-parallel group's), its value and weight w(p) = -f'(p) p. Backward recomputes each
@@ -27,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sft.loss import (
-    _DEFAULT, LossOutput, _all_reduce, _group_rank_and_size, resolve_objective_and_groups, valid_target_mask,
+    _DEFAULT, LossOutput, _group_rank_and_size, exp_and_target_statistics, local_targets, logit_gradient_,
+    padding_start, resolve_objective_and_groups, valid_target_mask,
 )
 from megatron_sft.objectives import Objective
 
@@ -44,29 +46,6 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, pad_from: Optional[int]) -> Te
     return logits
 
 
-def _chunk_statistics(logits: Tensor, local_target: Tensor, in_partition: Tensor,
-                      tp_group: Optional[dist.ProcessGroup]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(max, log-sum-exp, log p, log(1 - p)) per token of a chunk, over the whole (TP-sharded) vocabulary."""
-    logits_max = logits.amax(dim=-1)
-    _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-    logits -= logits_max.unsqueeze(-1)
-    index = local_target.unsqueeze(-1)
-    target_logit = logits.gather(-1, index).squeeze(-1).masked_fill(~in_partition, 0.0)
-    torch.exp(logits, out=logits)
-    # the target entry zeroed on the rank that holds it: the sum is the other tokens' mass, so 1 - p has no
-    # cancellation when p -> 1
-    logits.scatter_(-1, index, logits.gather(-1, index).masked_fill(in_partition.unsqueeze(-1), 0.0))
-    others = logits.sum(dim=-1)
-    stats = torch.stack([target_logit, others])
-    _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
-    target_logit, others = stats[0], stats[1]
-    log_sum_exp = torch.log(others + target_logit.exp())
-    logp = target_logit - log_sum_exp
-    p = logp.exp()
-    log1mp = torch.where(p < 0.5, torch.log1p(-p), torch.log(others) - log_sum_exp)
-    return logits_max, log_sum_exp, logp, log1mp
-
-
 class _FusedOutputObjectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, valid: Tensor, objective: Objective,  # type: ignore[override]
@@ -75,7 +54,7 @@ class _FusedOutputObjectiveLoss(torch.autograd.Function):
         tp_rank, _ = _group_rank_and_size(tp_group)
         partition = weight.size(0)
         start = tp_rank * partition
-        pad_from = max(vocab_size - start, 0) if vocab_size is not None and vocab_size < start + partition else None
+        pad_from = padding_start(vocab_size, start, partition)
         rows = valid.nonzero().squeeze(-1)  # same on every TP rank (labels are replicated): same chunks
         n = target.numel()
         logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
@@ -84,10 +63,11 @@ class _FusedOutputObjectiveLoss(torch.autograd.Function):
         with torch.no_grad():
             for begin in range(0, rows.numel(), chunk_tokens):
                 idx = rows[begin:begin + chunk_tokens]
-                local, inside = _local_targets(target[idx], start, partition)
+                local, inside = local_targets(target[idx], start, partition)
                 logits = _chunk_logits(hidden[idx], weight, pad_from)
-                logits_max, log_sum_exp, logp[idx], log1mp[idx] = _chunk_statistics(logits, local, inside, tp_group)
-                shift[idx] = logits_max + log_sum_exp
+                logits_max, sum_exp, logp[idx], log1mp[idx] = exp_and_target_statistics(logits, local, inside,
+                                                                                         tp_group)
+                shift[idx] = logits_max + torch.log(sum_exp)
                 del logits
         p = logp.exp()
         selected = objective.select(p, valid, select_group)
@@ -109,13 +89,9 @@ class _FusedOutputObjectiveLoss(torch.autograd.Function):
         rows = (scale != 0).nonzero().squeeze(-1)  # tokens without gradient cost nothing
         for begin in range(0, rows.numel(), chunk_tokens):
             idx = rows[begin:begin + chunk_tokens]
-            local, inside = _local_targets(target[idx], start, partition)
-            grad = _chunk_logits(hidden[idx], weight, pad_from)
-            grad.sub_(shift[idx].unsqueeze(-1)).exp_()  # this shard's softmax
-            grad.mul_(scale[idx].unsqueeze(-1))
-            index = local.unsqueeze(-1)  # target entry: -g w (1 - p) from the exact 1 - p
-            target_grad = torch.where(inside, -scale[idx] * one_minus_p[idx], grad.gather(-1, index).squeeze(-1))
-            grad.scatter_(-1, index, target_grad.unsqueeze(-1))
+            local, inside = local_targets(target[idx], start, partition)
+            softmax = _chunk_logits(hidden[idx], weight, pad_from).sub_(shift[idx].unsqueeze(-1)).exp_()
+            grad = logit_gradient_(softmax, local, inside, scale[idx], one_minus_p[idx])
             low = grad.to(hidden.dtype)  # what the unfused output layer's backward gets (no copy in fp32)
             h = hidden[idx]
             grad_hidden[idx] = torch.matmul(low, weight)
@@ -137,11 +113,6 @@ def _accumulate_weight_grad(acc: Tensor, grad32: Tensor, grad_low: Tensor, hidde
     for start in range(0, acc.size(0), WGRAD_BLOCK_ROWS):
         rows = slice(start, start + WGRAD_BLOCK_ROWS)
         acc[rows].add_(torch.matmul(grad_low[:, rows].t(), hidden))
-
-
-def _local_targets(target: Tensor, start: int, partition: int) -> tuple[Tensor, Tensor]:
-    inside = (target >= start) & (target < start + partition)
-    return (target - start).masked_fill(~inside, 0), inside
 
 
 def fused_output_objective_loss(

@@ -51,6 +51,67 @@ def _all_reduce(tensor: Tensor, op: dist.ReduceOp, group: Optional[dist.ProcessG
         dist.all_reduce(tensor, op=op, group=group)
 
 
+# ---- the steps shared by this loss and the fused output loss (megatron_sft.fused_output_loss) -------------------
+
+def padding_start(vocab_size: Optional[int], vocab_start: int, partition_vocab: int) -> Optional[int]:
+    """First padded column of this shard (ids >= vocab_size take no probability mass and get no gradient), or
+    None when the shard has no padding."""
+    if vocab_size is None or vocab_size >= vocab_start + partition_vocab:
+        return None
+    return max(vocab_size - vocab_start, 0)
+
+
+def local_targets(target: Tensor, vocab_start: int, partition_vocab: int,
+                  valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(target index within this shard, 0 where the target is not on it; whether it is, and valid)."""
+    in_partition = (target >= vocab_start) & (target < vocab_start + partition_vocab)
+    if valid is not None:
+        in_partition &= valid
+    return (target - vocab_start).masked_fill(~in_partition, 0), in_partition
+
+
+def exp_and_target_statistics(logits: Tensor, local_target: Tensor, in_partition: Tensor,
+                              tp_group: Optional[dist.ProcessGroup]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(max, sum of exps, log p, log(1 - p)) per token over the whole TP-sharded vocabulary; ``logits`` (fp32)
+    is left holding exp(logits - max) of this shard. Two all-reduces: the max, then the target logit and the
+    other tokens' mass together."""
+    logits_max = logits.amax(dim=-1)
+    _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+    logits -= logits_max.unsqueeze(-1)
+    index = local_target.unsqueeze(-1)
+    target_logit = logits.gather(-1, index).squeeze(-1).masked_fill(~in_partition, 0.0)
+
+    # exp in place; the other tokens' mass is summed with the target entry zeroed, so that
+    # 1 - p = others / sum_exp has no cancellation when p -> 1.
+    torch.exp(logits, out=logits)
+    target_exp = logits.gather(-1, index)
+    logits.scatter_(-1, index, target_exp.masked_fill(in_partition.unsqueeze(-1), 0.0))
+    others_exp = logits.sum(dim=-1)
+    logits.scatter_(-1, index, target_exp)
+    stats = torch.stack([target_logit, others_exp])
+    _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
+    target_logit, others_exp = stats[0], stats[1]
+    sum_exp = others_exp + target_logit.exp()
+    log_sum_exp = torch.log(sum_exp)
+    logp = target_logit - log_sum_exp
+    p = logp.exp()
+    # log(1 - p): log1p(-p) where p is small (a difference of two logs would keep only the absolute
+    # accuracy of log(sum_exp), 1e-5 relative for p ~ 0.004); log(others / sum_exp) where p -> 1
+    log1mp = torch.where(p < 0.5, torch.log1p(-p), torch.log(others_exp) - log_sum_exp)
+    return logits_max, sum_exp, logp, log1mp
+
+
+def logit_gradient_(softmax: Tensor, local_target: Tensor, in_partition: Tensor, scale: Tensor,
+                    one_minus_p: Tensor) -> Tensor:
+    """In place: this shard's softmax becomes scale * (softmax - onehot), ``scale`` = g * w(p) per token. The
+    target entry scale * (p - 1) is written as -scale * (1 - p) from the exact 1 - p: the difference
+    softmax - 1 would cancel in fp32 when p -> 1, where w can be large (log(1 - p))."""
+    grad = softmax.mul_(scale.unsqueeze(-1))
+    index = local_target.unsqueeze(-1)
+    target_grad = torch.where(in_partition, -scale * one_minus_p, grad.gather(-1, index).squeeze(-1))
+    return grad.scatter_(-1, index, target_grad.unsqueeze(-1))
+
+
 class _VocabParallelObjectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -68,40 +129,13 @@ class _VocabParallelObjectiveLoss(torch.autograd.Function):
         tp_rank, _ = _group_rank_and_size(tp_group)
         partition_vocab = logits.size(-1)
         vocab_start = tp_rank * partition_vocab
-        vocab_end = vocab_start + partition_vocab
-
-        # Padded vocabulary columns (ids >= vocab_size) take no probability mass and get no gradient.
-        if vocab_size is not None and vocab_size < vocab_end:
-            logits[..., max(vocab_size - vocab_start, 0) :] = float("-inf")
-
-        logits_max = logits.amax(dim=-1)
-        _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-        logits -= logits_max.unsqueeze(-1)
-
-        in_partition = valid & (target >= vocab_start) & (target < vocab_end)
-        local_target = (target - vocab_start).masked_fill(~in_partition, 0)
-        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = target_logit.masked_fill(~in_partition, 0.0)
-
-        # exp in place; the other tokens' mass is summed with the target entry zeroed, so that
-        # 1 - p = others / sum_exp has no cancellation when p -> 1.
-        torch.exp(logits, out=logits)
-        index = local_target.unsqueeze(-1)
-        target_exp = logits.gather(-1, index)
-        logits.scatter_(-1, index, target_exp.masked_fill(in_partition.unsqueeze(-1), 0.0))
-        others_exp = logits.sum(dim=-1)
-        logits.scatter_(-1, index, target_exp)
-        stats = torch.stack([target_logit, others_exp])
-        _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
-        target_logit, others_exp = stats[0], stats[1]
-        sum_exp = others_exp + target_logit.exp()
-        log_sum_exp = torch.log(sum_exp)
-
-        logp = (target_logit - log_sum_exp).masked_fill(~valid, 0.0)
+        pad_from = padding_start(vocab_size, vocab_start, partition_vocab)
+        if pad_from is not None:
+            logits[..., pad_from:] = float("-inf")
+        local_target, in_partition = local_targets(target, vocab_start, partition_vocab, valid)
+        _, sum_exp, logp, log1mp = exp_and_target_statistics(logits, local_target, in_partition, tp_group)
+        logp = logp.masked_fill(~valid, 0.0)
         p = logp.exp()
-        # log(1 - p): log1p(-p) where p is small (a difference of two logs would keep only the absolute
-        # accuracy of log(sum_exp), 1e-5 relative for p ~ 0.004); log(others / sum_exp) where p -> 1
-        log1mp = torch.where(p < 0.5, torch.log1p(-p), torch.log(others_exp) - log_sum_exp)
         log1mp = log1mp.masked_fill(~valid, float("-inf"))
         selected = objective.select(p, valid, select_group)
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
@@ -117,14 +151,8 @@ class _VocabParallelObjectiveLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_p: Tensor, _grad_selected: Tensor):  # type: ignore[override]
         softmax, local_target, in_partition, weight, one_minus_p = ctx.saved_tensors
-        scale = weight * grad_loss.float()
-        grad = softmax  # reuse the saved buffer: grad = w * g * (softmax - onehot)
-        grad.mul_(scale.unsqueeze(-1))
-        # The target entry w * g * (p - 1) is written as -w * g * (1 - p) from the exact 1 - p: the
-        # difference softmax - 1 would cancel in fp32 when p -> 1, where w can be large (log(1 - p)).
-        index = local_target.unsqueeze(-1)
-        target_grad = torch.where(in_partition, -scale * one_minus_p, grad.gather(-1, index).squeeze(-1))
-        grad.scatter_(-1, index, target_grad.unsqueeze(-1))
+        # reuse the saved buffer for the gradient
+        grad = logit_gradient_(softmax, local_target, in_partition, weight * grad_loss.float(), one_minus_p)
         if ctx.input_dtype != grad.dtype:
             grad = grad.to(ctx.input_dtype)
         return grad, None, None, None, None, None, None
