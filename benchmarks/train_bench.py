@@ -6,6 +6,7 @@ the timed steps, after warm-up steps) and their ratio, measured side by side in 
 
     python benchmarks/train_bench.py                 # CPU: tiny model, 1 process (and TP=2 on 2 processes)
     python benchmarks/train_bench.py --hidden 512    # bigger model
+    python benchmarks/train_bench.py --hidden 512 --backends local,torch --packing-off-only   # attention backends
 
 On a GPU (when one is present) it also trains a Qwen2.5-0.5B-shaped model (random weights, bf16, packed
 rows of 2048 tokens) with our trainer and prints its tokens/s and MFU.
@@ -28,14 +29,15 @@ def reference_tokens_per_s(hf_dir: Path, rows_file: Path, max_length: int, micro
     """The plain transformers loop: HF forward, log_softmax + gather for p, loss = mean(1 - p), AdamW."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_sft.data.formatting import FormatConfig, Formatter
+    from megatron_sft.config import DataConfig
+    from megatron_sft.data.formatting import Formatter
     from megatron_sft.data.sources import read_rows
 
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).train()
-    formatter = Formatter(tokenizer, FormatConfig(max_length=max_length))
+    formatter = Formatter(tokenizer, DataConfig(max_length=max_length))
     examples = [formatter(row) for row in read_rows(rows_file)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     timings = []
@@ -69,10 +71,10 @@ def reference_tokens_per_s(hf_dir: Path, rows_file: Path, max_length: int, micro
 
 
 def ours_tokens_per_s(out: Path, nproc: int, overrides: list[str], warmup: int) -> tuple[float, float | None]:
-    from megatron_sft.commands.train import launch
-    from megatron_sft.train.config import load_config
+    from megatron_sft.train.entry import launch_training
+    from megatron_sft.config import load_config
 
-    launch(load_config(None, [f"output_dir={out}", *overrides]), nproc=nproc)
+    launch_training(load_config(None, [f"output_dir={out}", *overrides]), nproc=nproc)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][warmup:]
     mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
     return statistics.median(r["tokens_per_s"] for r in records), (statistics.median(mfu) if mfu else None)
@@ -85,9 +87,10 @@ QWEN25_05B_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_laye
 def gpu_mfu(root: Path, steps: int, warmup: int) -> tuple[float, float | None]:
     """Our trainer on a Qwen2.5-0.5B-shaped model: median tokens/s and MFU (GPU only)."""
     from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
-    from megatron_sft.demo import shift_task_rows, write_jsonl
+    from megatron_sft.toy.files import write_jsonl
+    from megatron_sft.toy.letter_task import shift_task_rows
     from megatron_sft.launch import run_local_workers
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     save_tiny_hf_model(root / "hf05", "qwen2-tied-gqa", seed=0, dtype=torch.bfloat16, config_overrides=QWEN25_05B_SHAPE)
     run_local_workers(convert_hf_to_mcore, 1, root / "hf05", root / "ckpt05", timeout_s=1200)
@@ -107,12 +110,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    parser.add_argument("--backends", default="auto",
+                        help="comma-separated model.attention_backend values for the TP=1 packing-off rows")
+    parser.add_argument("--packing-off-only", action="store_true", help="skip the packing-on and TP=2 rows")
     args = parser.parse_args()
 
     from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
-    from megatron_sft.demo import shift_task_rows, write_jsonl
+    from megatron_sft.toy.files import write_jsonl
+    from megatron_sft.toy.letter_task import shift_task_rows
     from megatron_sft.launch import run_local_workers
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     micro, global_batch, max_length, lr = 8, 32, 64, 1e-4
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
@@ -127,13 +134,16 @@ def main() -> None:
                   "checkpoint.save_optimizer=false", "log.progress_bar=false", "log.tensorboard=false", "log.every_steps=1000"]
         reference = reference_tokens_per_s(root / "hf", rows, max_length, micro, global_batch, args.steps, args.warmup, lr)
         results = {"transformers loop (1 process)": (reference, None)}
-        results["megatron-sft TP=1, packing off"] = ours_tokens_per_s(root / "tp1", 1, common + ["data.packing=false"], args.warmup)
-        results["megatron-sft TP=1, packing on"] = ours_tokens_per_s(root / "tp1p", 1, common, args.warmup)
-        if not torch.cuda.is_available() or torch.cuda.device_count() >= 2:
+        for backend in args.backends.split(","):
+            results[f"megatron-sft TP=1, packing off, attention {backend}"] = ours_tokens_per_s(
+                root / f"tp1_{backend}", 1, common + ["data.packing=false", f"model.attention_backend={backend}"], args.warmup)
+        if not args.packing_off_only:
+            results["megatron-sft TP=1, packing on"] = ours_tokens_per_s(root / "tp1p", 1, common, args.warmup)
+        if not args.packing_off_only and (not torch.cuda.is_available() or torch.cuda.device_count() >= 2):
             results["megatron-sft TP=2 (2 processes), packing on"] = ours_tokens_per_s(
                 root / "tp2", 2, common + ["parallel.tensor=2", "parallel.sequence_parallel=true"], args.warmup)
 
-        gpu = gpu_mfu(root, args.steps, args.warmup) if torch.cuda.is_available() else None
+        gpu = gpu_mfu(root, args.steps, args.warmup) if torch.cuda.is_available() and not args.packing_off_only else None
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"model: Qwen2-shaped, {args.layers} layers, hidden {args.hidden}, vocab 250; objective -p; "

@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 from megatron_sft import __version__
 
 # imported when the parser is built (some import torch), after `train` has started recording stop signals
-COMMANDS = ("train", "convert", "prepare", "probe", "eval", "compare", "sbatch", "demo", "continuum", "objectives",
-            "selftest")
+COMMANDS = ("train", "convert", "prepare", "probe", "eval", "compare", "plot", "sbatch", "demo", "continuum",
+            "objectives", "selftest", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +35,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["train"]:  # first thing: a SIGTERM during start-up ends the run with exit 0 (stop_signal.py)
         stop_signal.install()
     quiet_library_warnings(child_processes=True)
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     return int(args.run(args) or 0)
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Like ``parse_args``, but ``section.key=value`` overrides may come anywhere, also after flags such as
+    ``--nproc 2`` (argparse alone takes positionals only before them)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+        return args
+    return parser.parse_args(argv) if extra else args  # argparse's own error for anything else
 
 
 if __name__ == "__main__":

@@ -83,8 +83,38 @@ def apply_cpu_shims() -> bool:
 
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
 
+    # 5. Activation recomputation (model.recompute): see _recompute_under_device_mode.
+    _recompute_under_device_mode()
+
     _APPLIED = True
     return True
+
+
+def _recompute_under_device_mode() -> None:
+    """Run megatron-core's recomputed forwards under the cuda->cpu mode.
+
+    A torch function mode is switched off while its own handler runs, and ``loss.backward()`` /
+    ``torch.autograd.backward`` enter through the handler, so the whole backward runs without the rewrite.
+    That is harmless for gradients, but recomputation (``CheckpointFunction`` for full and selective,
+    ``CheckpointWithoutOutput``) re-runs the forward inside the backward, where megatron's hard-coded
+    ``device="cuda"`` (e.g. the default causal mask) then fails with "Torch not compiled with CUDA enabled".
+    """
+    from megatron.core.tensor_parallel import random as mc_random
+
+    backward = mc_random.CheckpointFunction.backward
+
+    def checkpoint_backward(ctx, *grads):
+        with _CudaToCpuMode():
+            return backward(ctx, *grads)
+
+    mc_random.CheckpointFunction.backward = staticmethod(checkpoint_backward)
+    recompute = mc_random.CheckpointWithoutOutput._recompute
+
+    def recompute_without_output(self, *args):
+        with _CudaToCpuMode():
+            return recompute(self, *args)
+
+    mc_random.CheckpointWithoutOutput._recompute = recompute_without_output
 
 
 def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue) -> None:

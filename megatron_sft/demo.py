@@ -12,134 +12,14 @@
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-
-LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
-SHIFT_BY_ONE = {c: LETTERS[(i + 1) % 26] for i, c in enumerate(LETTERS)}
-
-
-def letter_task_rows(count: int, seed: int, mapping: dict[str, str], exclude: set[str] | None = None) -> list[dict[str, str]]:
-    """Rows {prompt: "c x m ?", response: mapping of each letter} with 3-6 letters, prompts unique and not in
-    ``exclude``."""
-    rng = random.Random(seed)
-    seen = set(exclude or ())
-    rows = []
-    while len(rows) < count:
-        letters = [rng.choice(LETTERS) for _ in range(rng.randint(3, 6))]
-        prompt = " ".join(letters) + " ?"
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        rows.append({"prompt": prompt, "response": " ".join(mapping[c] for c in letters)})
-    return rows
-
-
-def shift_task_rows(count: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, str]]:
-    """The demo's task: "c x m ?" -> "d y n" (every letter shifted by one)."""
-    return letter_task_rows(count, seed, SHIFT_BY_ONE, exclude)
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _encode(tokenizer, row: dict[str, str]) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids + eos), as the trainer formats a prompt/response row with the chat template."""
-    response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return _prompt_ids(tokenizer, row["prompt"]), response
-
-
-def exact_match_accuracy(model_dir: str | Path, rows: list[dict[str, str]], batch_size: int = 64) -> float:
-    """Greedy decoding with transformers; a row counts when the generated answer equals the response."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [_prompt_ids(tokenizer, row["prompt"]) for row in chunk]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-        mask = (torch.arange(width).unsqueeze(0) >= torch.tensor([width - len(p) for p in prompts]).unsqueeze(1)).long()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for row, generated in zip(chunk, out[:, width:]):
-            answer = tokenizer.convert_ids_to_tokens([t for t in generated.tolist() if t not in tokenizer.all_special_ids])
-            correct += answer == row["response"].split()
-    return correct / len(rows)
-
-
-def token_accuracy_and_mean_p(model_dir: str | Path, rows: list[dict[str, str]]) -> tuple[float, float]:
-    """Teacher-forced: the fraction of response tokens (and eos) that are the argmax, and their mean p."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    hits, probabilities = [], []
-    for row in rows:
-        prompt, response = _encode(tokenizer, row)
-        with torch.no_grad():
-            logp = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
-        target = torch.tensor(response)
-        hits += (logp.argmax(-1) == target).tolist()
-        probabilities += logp.gather(1, target[:, None]).exp().squeeze(1).tolist()
-    return sum(hits) / len(hits), sum(probabilities) / len(probabilities)
-
-
-def pretrain_base_model(model_dir: Path, rows: list[dict[str, str]], steps: int, lr: float = 3e-3, seed: int = 0) -> None:
-    """Plain PyTorch NLL on ``rows`` for ``steps`` steps, saved in place: the demo's imperfect base model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.train()
-    encoded = []
-    for row in rows:
-        prompt, response = _encode(tokenizer, row)
-        encoded.append((prompt + response, [-100] * len(prompt) + response))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = [encoded[i] for i in torch.randint(len(encoded), (32,), generator=generator).tolist()]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval().save_pretrained(str(model_dir))
-
-
-def fresh_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """An empty OUT with OUT/data/; an existing OUT is replaced only with ``overwrite``."""
-    import shutil
-
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    (out / "data").mkdir(parents=True)
-    return out
+from megatron_sft.toy.files import fresh_output_dir, write_jsonl
+from megatron_sft.toy.hf_loop import exact_match_accuracy, pretrain_base_model, token_accuracy_and_mean_p
+from megatron_sft.toy.letter_task import shift_task_rows
 
 
 @dataclass
@@ -158,10 +38,10 @@ class DemoResult:
 
 def run_demo(out: str | Path, nproc: int = 2, tensor_parallel: int = 2, objective: str = "p", epochs: int = 4,
              base_steps: int = 450, overwrite: bool = False) -> DemoResult:
-    from megatron_sft.commands.train import launch
+    from megatron_sft.train.entry import launch_training
     from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
-    from megatron_sft.train.config import load_config
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
+    from megatron_sft.config import load_config
 
     started = time.perf_counter()
     out = fresh_output_dir(out, overwrite)
@@ -190,7 +70,7 @@ def run_demo(out: str | Path, nproc: int = 2, tensor_parallel: int = 2, objectiv
         eval=out / "data" / "held_out.jsonl", tp=tensor_parallel, objective=objective, epochs=epochs,
     ))
     print(f"[3/4] megatron-sft train {config_path} --nproc {nproc}  (objective {objective}, TP={tensor_parallel})", flush=True)
-    summary = launch(load_config(config_path), nproc=nproc)
+    summary = launch_training(load_config(config_path), nproc=nproc)
 
     print("[4/4] held-out exact match with transformers generate (greedy)", flush=True)
     tuned_accuracy = exact_match_accuracy(summary["export"], held_out)
@@ -201,18 +81,23 @@ def run_demo(out: str | Path, nproc: int = 2, tensor_parallel: int = 2, objectiv
         first_loss=summary["first_loss"], last_loss=summary["last_loss"], steps=summary["steps"],
         seconds=time.perf_counter() - started, output_dir=str(out),
     )
-    print(f"mean token p of the base model on the training data: {result.base_mean_p:.3f} "
-          f"({'capable: prior-leaning objectives like -p are expected to help' if result.base_mean_p >= 0.5 else 'weak: NLL is expected to do better'})")
+    from megatron_sft.capability import advise  # the one capability rule, as `megatron-sft probe` applies it
+
+    print(f"base model on the training data: {advise(result.base_mean_p).line(result.base_mean_p)} "
+          f"(the probe's rule; this demo trains with {objective})")
     print(f"held-out, base -> after SFT with {objective}: exact match {base_accuracy:.1%} -> {tuned_accuracy:.1%}, "
           f"token accuracy {base_tokens:.1%} -> {tuned_tokens:.1%}, mean p {base_p:.3f} -> {tuned_p:.3f}")
     print(f"training: {result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}; "
           f"{result.seconds:.0f}s in all")
     print(f"exported HF model: {summary['export']}; logs: {out / 'run'} (tensorboard --logdir {out / 'run' / 'tensorboard'})")
+    print(f"train again (edit {config_path} or add key=value overrides): megatron-sft train {config_path} "
+          f"output_dir={out / 'run'}2 --nproc {nproc}")
     return result
 
 
 DEMO_CONFIG = """\
-# Written by `megatron-sft demo`; rerun with: megatron-sft train {output_dir}/../config.yaml --nproc 2
+# Written by `megatron-sft demo`. Train again into a new run directory ({output_dir} holds the first run's checkpoints):
+#   megatron-sft train {output_dir}/../config.yaml output_dir={output_dir}2 --nproc {tp}
 output_dir: {output_dir}
 model:
   checkpoint: {checkpoint}

@@ -190,3 +190,18 @@ def run_local_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeo
                     proc.kill()
                 proc.join()
         return _results(out_dir, world_size, expected_errors)
+
+
+def local_worker_count(nproc: Optional[int]) -> Optional[int]:
+    """``--nproc`` as the number of local workers to spawn (None: run in this process). Refused under
+    torchrun/Slurm, whose launcher starts the processes itself."""
+    from megatron_sft.config import ConfigError
+    from megatron_sft.parallel import under_launcher
+
+    if nproc is None or nproc <= 1:
+        if nproc is not None and nproc < 1:
+            raise ConfigError(f"--nproc {nproc}: must be >= 1")
+        return None
+    if under_launcher():
+        raise ConfigError("--nproc is for local runs; under torchrun/Slurm the launcher starts the processes")
+    return nproc

@@ -219,7 +219,7 @@ class Objective:
             return valid & (p >= self.threshold)
         if self.selection == "below":
             return valid & (p <= self.threshold)
-        cutoff = self.percentile_cutoff(_gather_valid(p[valid], group))
+        cutoff = self.percentile_cutoff(gather_valid(p[valid], group))
         if cutoff is None:
             return valid
         return valid & (p >= cutoff) if self.selection == "top_percent" else valid & (p <= cutoff)
@@ -279,7 +279,7 @@ class Objective:
         return "prior-leaning" if self.weight_centroid() >= 0.5 - 1e-6 else "prior-averse"
 
 
-def _gather_valid(values: Tensor, group: Optional[torch.distributed.ProcessGroup]) -> Tensor:
+def gather_valid(values: Tensor, group: Optional[torch.distributed.ProcessGroup]) -> Tensor:
     """All-gather a 1-D tensor of per-rank varying length over ``group`` (identity without one)."""
     if group is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
         return values
@@ -296,52 +296,141 @@ def _gather_valid(values: Tensor, group: Optional[torch.distributed.ProcessGroup
 
 
 # ------------------------------------------------------------------------------------------------
-# Spec parsing
+# The table of objective forms: parsing, the valid-forms text, aliases, reference keys and the
+# examples of `megatron-sft objectives` and the tests are all generated from OBJECTIVE_FORMS.
 # ------------------------------------------------------------------------------------------------
 
 _NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 
-_BASES_WITHOUT_ARG: dict[str, Callable[[], Base]] = {"nll": _nll, "neg_p": _neg_p, "log1mp": _log1mp}
 
-# (regex, builder(number) -> (base, selection)) ; readable forms first, then reference keys.
-_ALIASES: dict[str, str] = {
-    "original": "nll",
-    "logp": "nll",
-    "p": "neg_p",
-    "-p": "neg_p",
-    "one_minus_p": "neg_p",
-    "dft": "dft",
-    "focal": "focal:2",
-}
-_REFERENCE_KEYS: dict[str, str] = {
-    "GeneralFamily": "family",
-    "OnlyTopP": "neg_p_above",
-    "OnlyBottomP": "neg_p_below",
-    "OnlyTopLogP": "nll_above",
-    "OnlyBottomLogP": "nll_below",
-    "UnlikehoodTop": "log1mp_above",
-    "UnlikehoodBottom": "log1mp_below",
-}
+@dataclass(frozen=True)
+class Argument:
+    """One numeric argument of a form: its name, the rule it must satisfy (shown in errors) and its default
+    (None: required)."""
 
-VALID_FORMS = """\
-Valid objective specs (readable form | reference key):
-  nll                      | original, logp          -log p                      (standard SFT)
-  neg_p                    | p                       1 - p  (i.e. -p)
-  family:<alpha>           | GeneralFamily-<alpha>   (1 - p^alpha)/alpha, alpha > 0
-  log1mp                   |                         log(1 - p)
-  dft                      |                         -sg(p) log p                (dynamic fine-tuning)
-  focal[:<gamma>]          |                         -(1-p)^gamma log p, gamma >= 0 (default 2)
-  <base>_above:<q>         | OnlyTopP-<q> (neg_p), OnlyTopLogP-<q> (nll), UnlikehoodTop-<q> (log1mp)
-                                                     f(p) * 1[p >= q], 0 <= q <= 1
-  <base>_below:<q>         | OnlyBottomP-<q>, OnlyBottomLogP-<q>, UnlikehoodBottom-<q>
-                                                     f(p) * 1[p <= q], 0 <= q <= 1
-  <base>_top:<k>           |                         f(p) on the top k% of the batch's tokens by p, 0 < k <= 100
-  <base>_bottom:<k>        |                         f(p) on the bottom k% of the batch's tokens by p
-  mix:<m>                  |                         (1-m)(-log p) + m (1 - p), 0 <= m <= 1
-  adaptive_alpha[:<lo>:<hi>]                         family alpha scheduled from the running mean p m:
-                                                     ~NLL (alpha 0.01) at m <= lo, p^10 at m >= hi (0.2, 0.8)
-  adaptive_mix[:<lo>:<hi>]                           mix weight scheduled the same way: NLL .. -p
-  where <base> is one of nll, neg_p, log1mp."""
+    name: str
+    rule: str
+    check: Callable[[float], bool]
+    default: Optional[float] = None
+    label: str = ""  # how errors name it, when more than its name helps
+
+
+@dataclass(frozen=True)
+class ObjectiveForm:
+    """One row of the objective table. ``build(spec, *arguments)`` returns the Objective; ``aliases`` are
+    whole-spec synonyms, ``reference_key`` the reference implementation's ``Key-<x>`` name of this form."""
+
+    name: str
+    arguments: tuple[Argument, ...]
+    build: Callable[..., "Objective"]
+    doc: str
+    examples: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+    reference_key: Optional[str] = None
+    joint_check: Optional[Callable[..., Optional[str]]] = None  # an error text when the arguments disagree
+
+    @property
+    def usage(self) -> str:
+        if not self.arguments:
+            return self.name
+        text = ":".join(f"<{a.name}>" for a in self.arguments)
+        return f"{self.name}[:{text}]" if all(a.default is not None for a in self.arguments) else f"{self.name}:{text}"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name.startswith("adaptive_")
+
+
+def _plain(base: Callable[[], Base]) -> Callable[..., "Objective"]:
+    return lambda spec: Objective(spec, base())
+
+
+def _with_number(base: Callable[[float], Base]) -> Callable[..., "Objective"]:
+    return lambda spec, x: Objective(spec, base(x))
+
+
+def _selected(base: Callable[[], Base], selection: Selection) -> Callable[..., "Objective"]:
+    return lambda spec, x: Objective(spec, base(), selection, x)
+
+
+def _adaptive(kind: str) -> Callable[..., "Objective"]:
+    def build(spec: str, low: float, high: float) -> "Objective":
+        schedule = AdaptiveSchedule(kind, low, high)
+        return Objective(spec, schedule.resolve(low).base, adaptive=schedule)
+
+    return build
+
+
+def _ordered(low: float, high: float) -> Optional[str]:
+    return None if low < high else f"need 0 <= low < high <= 1, got low={low:g}, high={high:g}"
+
+
+_PROBABILITY = ("in [0, 1]", lambda x: 0.0 <= x <= 1.0)
+_BASES: dict[str, tuple[Callable[[], Base], str]] = {
+    "nll": (_nll, "-log p"), "neg_p": (_neg_p, "1 - p"), "log1mp": (_log1mp, "log(1 - p)")}
+_SELECTION_KEYS = {  # (base, kind) -> the reference trainer's key
+    ("neg_p", "above"): "OnlyTopP", ("neg_p", "below"): "OnlyBottomP", ("nll", "above"): "OnlyTopLogP",
+    ("nll", "below"): "OnlyBottomLogP", ("log1mp", "above"): "UnlikehoodTop", ("log1mp", "below"): "UnlikehoodBottom",
+}
+_SELECTION_EXAMPLES = {("nll", "above"): "0.3", ("nll", "below"): "0.7", ("log1mp", "above"): "0.2",
+                       ("log1mp", "below"): "0.8", ("neg_p", "top"): "30", ("neg_p", "bottom"): "30",
+                       ("nll", "top"): "50", ("nll", "bottom"): "20", ("log1mp", "top"): "40", ("log1mp", "bottom"): "40"}
+
+
+def _selection_forms() -> list[ObjectiveForm]:
+    """``<base>_above:<q>``, ``_below:<q>`` (thresholds) and ``_top:<k>``, ``_bottom:<k>`` (batch percentiles)."""
+    forms = []
+    for kind, selection, argument, doc in (
+        ("above", "above", Argument("q", *_PROBABILITY, label="threshold q"), "({f}) * 1[p >= q]"),
+        ("below", "below", Argument("q", *_PROBABILITY, label="threshold q"), "({f}) * 1[p <= q]"),
+        ("top", "top_percent", Argument("k", "in (0, 100]", lambda x: 0.0 < x <= 100.0, label="percentile k"),
+         "{f} on the top k% of the global batch's tokens by p"),
+        ("bottom", "bottom_percent", Argument("k", "in (0, 100]", lambda x: 0.0 < x <= 100.0, label="percentile k"),
+         "{f} on the bottom k% of the global batch's tokens by p"),
+    ):
+        for base, (builder, formula) in _BASES.items():
+            name = f"{base}_{kind}"
+            forms.append(ObjectiveForm(name, (argument,), _selected(builder, selection), doc.format(f=formula),
+                                       (f"{name}:{_SELECTION_EXAMPLES.get((base, kind), '0.5')}",),
+                                       reference_key=_SELECTION_KEYS.get((base, kind))))
+    return forms
+
+
+OBJECTIVE_FORMS: tuple[ObjectiveForm, ...] = (
+    ObjectiveForm("nll", (), _plain(_nll), "-log p (standard SFT)", ("nll",), aliases=("original", "logp")),
+    ObjectiveForm("neg_p", (), _plain(_neg_p), "1 - p (i.e. -p)", ("neg_p",), aliases=("p", "-p", "one_minus_p")),
+    ObjectiveForm("family", (Argument("alpha", "> 0 (alpha -> 0 is nll)", lambda x: x > 0),), _with_number(_family),
+                  "(1 - p^alpha)/alpha", ("family:0.5", "family:8"), reference_key="GeneralFamily"),
+    ObjectiveForm("log1mp", (), _plain(_log1mp), "log(1 - p)", ("log1mp",)),
+    ObjectiveForm("dft", (), _plain(_dft), "-sg(p) log p (dynamic fine-tuning)", ("dft",)),
+    ObjectiveForm("focal", (Argument("gamma", ">= 0", lambda x: x >= 0, default=2.0),), _with_number(_focal),
+                  "-(1-p)^gamma log p (default gamma 2)", ("focal:2",)),
+    *_selection_forms(),
+    ObjectiveForm("mix", (Argument("m", *_PROBABILITY, label="the mixture weight m"),), _with_number(_mix),
+                  "(1-m)(-log p) + m (1 - p)", ("mix:0.3",)),
+    ObjectiveForm("adaptive_alpha", (Argument("low", *_PROBABILITY, default=0.2), Argument("high", *_PROBABILITY, default=0.8)),
+                  _adaptive("alpha"), "family alpha scheduled from the running mean p m: ~NLL (alpha 0.01) at "
+                  "m <= low, p^10 at m >= high", ("adaptive_alpha",), joint_check=_ordered),
+    ObjectiveForm("adaptive_mix", (Argument("low", *_PROBABILITY, default=0.2), Argument("high", *_PROBABILITY, default=0.8)),
+                  _adaptive("mix"), "mix weight scheduled the same way: NLL .. -p", ("adaptive_mix",),
+                  joint_check=_ordered),
+)
+_FORMS_BY_NAME = {form.name: form for form in OBJECTIVE_FORMS}
+_ALIASES = {alias: form.name for form in OBJECTIVE_FORMS for alias in form.aliases}
+_REFERENCE_KEYS = {form.reference_key: form.name for form in OBJECTIVE_FORMS if form.reference_key}
+
+
+def _valid_forms() -> str:
+    lines = ["Valid objective specs (readable form | aliases, reference key):"]
+    for form in OBJECTIVE_FORMS:
+        others = list(form.aliases) + ([f"{form.reference_key}-" + ("-".join(f"<{a.name}>" for a in form.arguments))]
+                                       if form.reference_key else [])
+        rules = ", ".join(f"{a.name} {a.rule}" for a in form.arguments)
+        lines.append(f"  {form.usage:30} | {', '.join(others):24} {form.doc}{f'; {rules}' if rules else ''}")
+    return "\n".join(lines)
+
+
+VALID_FORMS = _valid_forms()
 
 
 class ObjectiveSpecError(ValueError):
@@ -380,79 +469,46 @@ def canonical_spec(spec: str) -> str:
     return _canonical(spec)
 
 
+def _arguments(spec: str, form: ObjectiveForm, text: Optional[str]) -> list[float]:
+    """The form's arguments from the text after its name (None: no ``:``), defaults filled in, rules checked."""
+    if text is None:
+        if not form.arguments:
+            return []
+        if any(a.default is None for a in form.arguments):
+            raise _fail(spec, f"{form.name!r} needs an argument, e.g. {form.examples[0]}")
+        return [a.default for a in form.arguments]
+    if not form.arguments:
+        raise _fail(spec, f"{form.name!r} takes no argument")
+    parts = text.split(":")
+    if len(parts) != len(form.arguments):
+        names = ":".join(f"<{a.name}>" for a in form.arguments)
+        raise _fail(spec, f"{form.name} takes {names}, e.g. {form.name}:{':'.join(f'{a.default:g}' if a.default is not None else '1' for a in form.arguments)}")
+    values = [_number(spec, part) for part in parts]
+    for argument, value in zip(form.arguments, values):
+        if not argument.check(value):
+            raise _fail(spec, f"{argument.label or argument.name} must be {argument.rule}, got {value:g}")
+    problem = form.joint_check(*values) if form.joint_check else None
+    if problem:
+        raise _fail(spec, problem)
+    return values
+
+
 def parse_objective(spec: str) -> Objective:
     """Parse an objective spec (see ``VALID_FORMS``); raises ObjectiveSpecError with the valid forms."""
     if not isinstance(spec, str) or not spec.strip():
         raise _fail(str(spec), "empty spec")
-    canonical = _canonical(spec)
-    name, _, arg = canonical.partition(":")
-    has_arg = ":" in canonical
-
-    if name in _BASES_WITHOUT_ARG:
-        if has_arg:
-            raise _fail(spec, f"{name!r} takes no argument")
-        return Objective(spec, _BASES_WITHOUT_ARG[name]())
-    if name == "dft":
-        if has_arg:
-            raise _fail(spec, "'dft' takes no argument")
-        return Objective(spec, _dft())
-    if name == "family":
-        alpha = _number(spec, arg)
-        if alpha <= 0:
-            raise _fail(spec, f"alpha must be > 0 (alpha -> 0 is nll), got {alpha:g}")
-        return Objective(spec, _family(alpha))
-    if name == "focal":
-        gamma = _number(spec, arg) if has_arg else 2.0
-        if gamma < 0:
-            raise _fail(spec, f"gamma must be >= 0, got {gamma:g}")
-        return Objective(spec, _focal(gamma))
-
-    if name == "mix":
-        m = _number(spec, arg)
-        if not 0.0 <= m <= 1.0:
-            raise _fail(spec, f"the mixture weight m must be in [0, 1], got {m:g}")
-        return Objective(spec, _mix(m))
-    if name in ("adaptive_alpha", "adaptive_mix"):
-        low, high = 0.2, 0.8
-        if has_arg:
-            parts = arg.split(":")
-            if len(parts) != 2:
-                raise _fail(spec, f"{name} takes <low>:<high> (mean p of the NLL end and of the -p end), e.g. {name}:0.2:0.8")
-            low, high = (_number(spec, x) for x in parts)
-            if not 0.0 <= low < high <= 1.0:
-                raise _fail(spec, f"need 0 <= low < high <= 1, got low={low:g}, high={high:g}")
-        schedule = AdaptiveSchedule("alpha" if name == "adaptive_alpha" else "mix", low, high)
-        return Objective(spec, schedule.resolve(low).base, adaptive=schedule)
-
-    match = re.fullmatch(r"(nll|neg_p|log1mp)_(above|below|top|bottom)", name)
-    if match:
-        base = _BASES_WITHOUT_ARG[match.group(1)]()
-        kind = match.group(2)
-        if not has_arg:
-            raise _fail(spec, f"{name!r} needs an argument, e.g. {name}:0.5")
-        x = _number(spec, arg)
-        if kind in ("above", "below"):
-            if not 0.0 <= x <= 1.0:
-                raise _fail(spec, f"threshold q must be in [0, 1], got {x:g}")
-            return Objective(spec, base, kind, x)  # type: ignore[arg-type]
-        if not 0.0 < x <= 100.0:
-            raise _fail(spec, f"percentile k must be in (0, 100], got {x:g}")
-        return Objective(spec, base, f"{kind}_percent", x)  # type: ignore[arg-type]
-
-    raise _fail(spec, "unknown objective")
+    name, colon, arg = _canonical(spec).partition(":")
+    form = _FORMS_BY_NAME.get(name)
+    if form is None:
+        raise _fail(spec, "unknown objective")
+    return form.build(spec, *_arguments(spec, form, arg if colon else None))
 
 
 def example_specs() -> list[str]:
-    """One spec of every form (used by the CLI table and by the tests)."""
-    return [
-        "nll", "neg_p", "family:0.5", "family:8", "log1mp", "dft", "focal:2",
-        "neg_p_above:0.5", "neg_p_below:0.5", "nll_above:0.3", "nll_below:0.7",
-        "log1mp_above:0.2", "log1mp_below:0.8",
-        "neg_p_top:30", "neg_p_bottom:30", "nll_top:50", "nll_bottom:20", "log1mp_top:40", "log1mp_bottom:40",
-        "mix:0.3",
-    ]
+    """One spec of every fixed form (the CLI table and the tests run each)."""
+    return [spec for form in OBJECTIVE_FORMS if not form.adaptive for spec in form.examples]
 
 
 def adaptive_specs() -> list[str]:
     """The adaptive forms (resolved per step by the trainer; not a fixed f(p))."""
-    return ["adaptive_alpha", "adaptive_mix"]
+    return [spec for form in OBJECTIVE_FORMS if form.adaptive for spec in form.examples]

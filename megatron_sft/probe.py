@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-MW_BELOW = 0.25
-MS_FROM = 0.65
+from megatron_sft.capability import MS_FROM, MW_BELOW, RULES, advise  # noqa: F401  (MS_FROM/MW_BELOW: re-exported)
+
 HISTOGRAM_BINS = 20
 POSITION_BINS = 24
 
@@ -50,6 +50,8 @@ class ProbeReport:
     region: str
     recommended_objective: str
     reasoning: str
+    rule: str = "midpoint"  # the capability rule the recommendation follows (capability.RULES)
+    other_rules: list[str] = field(default_factory=list)  # what the other rules say, one line each
 
     def summary(self) -> str:
         return "\n".join([
@@ -63,26 +65,20 @@ class ProbeReport:
                 if p is not None)[:400],
             f"  region: {self.region}; recommended objective: {self.recommended_objective}",
             f"  why: {self.reasoning}",
+            *(f"  {line}" for line in self.other_rules),
         ])
 
 
-def recommend(mean_p: float) -> tuple[str, str, str]:
-    """(region, objective spec, reasoning) for a base model's mean token p on the training data."""
-    if mean_p >= MS_FROM:
-        return ("model-strong (MS)", "neg_p",
-                f"mean p {mean_p:.3f} >= {MS_FROM}: the base model already predicts most target tokens, so the "
-                "low-p tokens NLL concentrates on are mostly noise or alternatives it should not be pushed to; "
-                "prior-leaning -p (or family:alpha with alpha >= 1, or neg_p_above:q) beat NLL in the paper's "
-                "math setting (mean p ~0.8)")
-    if mean_p < MW_BELOW:
-        return ("model-weak (MW)", "nll",
-                f"mean p {mean_p:.3f} < {MW_BELOW}: the base model has little prior for these targets; -p's "
-                "gradient weight p is near zero on most tokens and learns slowly, while NLL weights every token "
-                "and wins, as on the paper's figfont puzzles (mean p ~0.01)")
-    return ("model-intermediate (MI)", "adaptive_mix",
-            f"{MW_BELOW} <= mean p {mean_p:.3f} < {MS_FROM}: in the paper's medical setting (mean p ~0.5) neither "
-            "NLL nor -p dominates; compare both, or let adaptive_mix (or adaptive_alpha) move from NLL towards -p "
-            "as the running mean p rises")
+def recommend(mean_p: float, rule: str = "midpoint") -> tuple[str, str, str]:
+    """(region, objective spec, reasoning) for a base model's mean token p under a rule of capability.py."""
+    advice = advise(mean_p, rule)
+    return advice.label, advice.objective, advice.reasoning
+
+
+def other_rules(mean_p: float, rule: str) -> list[str]:
+    """What each other capability rule says about the same mean p (the paper's rule beside ours)."""
+    return [f"{name} rule ({RULES[name].text}): {advise(mean_p, name).label} -> {advise(mean_p, name).objective}"
+            for name in RULES if name != rule]
 
 
 def _positions(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -98,7 +94,7 @@ def collect_token_p(model, micro_batches: list[dict], vocab_size: int) -> list[t
     from megatron_sft.loss import vocab_parallel_objective_loss
     from megatron_sft.objectives import parse_objective
     from megatron_sft.parallel import current_device
-    from megatron_sft.train.attention import attention_inputs
+    from megatron_sft.model.attention import attention_inputs
 
     device = current_device()
     nll = parse_objective("nll")
@@ -131,7 +127,7 @@ def collect_token_p(model, micro_batches: list[dict], vocab_size: int) -> list[t
     return collected
 
 
-def summarise(values: torch.Tensor, checkpoint: str, data: list[str]) -> ProbeReport:
+def summarise(values: torch.Tensor, checkpoint: str, data: list[str], rule: str = "midpoint") -> ProbeReport:
     """The report from a [3, n] tensor of (p, response position, row id) over the whole sample."""
     p, positions, row_ids = values[0], values[1].long(), values[2].long()
     n = p.numel()
@@ -152,14 +148,15 @@ def summarise(values: torch.Tensor, checkpoint: str, data: list[str]) -> ProbeRe
     sequence_means = sequence_means[sequence_counts > 0] / sequence_counts[sequence_counts > 0]
     quartiles = torch.quantile(sequence_means, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
     mean_p = float(p.mean())
-    region, objective, reasoning = recommend(mean_p)
+    region, objective, reasoning = recommend(mean_p, rule)
     return ProbeReport(
         checkpoint=checkpoint, data=data, rows=int(sequence_means.numel()), tokens=n, mean_p=mean_p,
         median_p=float(p.median()), fraction_below_0_1=float((p < 0.1).double().mean()),
         fraction_above_0_9=float((p > 0.9).double().mean()), histogram_edges=[round(e, 4) for e in edges.tolist()],
         histogram_counts=[int(c) for c in counts.tolist()], position_edges=position_edges,
         position_mean_p=position_mean, position_tokens=position_tokens, sequence_mean_p_quartiles=quartiles,
-        region=region, recommended_objective=objective, reasoning=reasoning,
+        region=region, recommended_objective=objective, reasoning=reasoning, rule=rule,
+        other_rules=other_rules(mean_p, rule),
     )
 
 
@@ -194,47 +191,52 @@ def plot_report(report: ProbeReport, path: Path) -> None:
     plt.close(fig)
 
 
-def run_probe(cfg, samples: int, micro_batch_size: int, out: Optional[Path], seed: int = 0) -> ProbeReport:
+def run_probe(cfg, samples: int, micro_batch_size: int, out: Optional[Path], seed: int = 0,
+              rule: str = "midpoint") -> ProbeReport:
     """One rank's part of the probe (every rank of the job calls it); rank 0 writes OUT/probe.{json,png}."""
     from megatron.core import parallel_state as ps
-    from transformers import AutoTokenizer
 
+    from megatron_sft.data.batches import batch_shape, data_parallel_share, load_rows
     from megatron_sft.library_warnings import quiet_library_warnings
-    from megatron_sft.model.checkpoint import TOKENIZER_DIR, load_model
+    from megatron_sft.model.checkpoint import load_model, load_tokenizer, pad_token_id
     from megatron_sft.parallel import current_device, init_distributed, init_model_parallel
-    from megatron_sft.train.batches import BatchShape, load_rows, round_up
 
     quiet_library_warnings()
     rank, _ = init_distributed()
     par = cfg.parallel
     init_model_parallel(par.tensor, par.pipeline, None, seed=cfg.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(cfg.model.checkpoint) / TOKENIZER_DIR))
+    tokenizer = load_tokenizer(cfg.model.checkpoint)
     data_cfg = cfg.data
     data_cfg.packing = False  # one sequence per row: positions and per-sequence means stay per example
     rows = load_rows(cfg.data.train, data_cfg, tokenizer).rows
     chosen = sorted(random.Random(seed).sample(range(len(rows)), min(samples, len(rows))))
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per_rank = round_up(-(-len(chosen) // dp), micro_batch_size)
-    mine = [rows[chosen[i % len(chosen)]] for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
-    real = max(0, min(per_rank, len(chosen) - dp_rank * per_rank))  # the rest only fill the last micro-batch
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    shape = BatchShape(micro_batch_size, pad_id, par.tensor,
-                       round_up(cfg.data.max_length, par.tensor) if par.pipeline > 1 else None)
+    indices, real = data_parallel_share(len(chosen), dp, dp_rank, micro_batch_size)  # the rest fill the last micro-batch
+    mine = [rows[chosen[i]] for i in indices]
+    first_row = dp_rank * len(indices)
+    shape = batch_shape(cfg, micro_batch_size, pad_token_id(tokenizer))
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # as the trainer runs it
     model, args = load_model(cfg.model.checkpoint, params_dtype=dtype)
     model.to(current_device())
     collected = collect_token_p(model, shape.micro_batches(mine), args.vocab_size)
     local = torch.cat(collected, dim=1) if collected else torch.zeros(3, 0, dtype=torch.float64)
     local = local[:, local[2] < real]  # drop the filler rows
-    local[2] += dp_rank * per_rank
+    local[2] += first_row
     keep = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]
     if dist.is_initialized():
         dist.all_gather_object(gathered, local.cpu() if keep else None)
     values = torch.cat([g for g in gathered if g is not None], dim=1)
-    report = summarise(values, str(cfg.model.checkpoint), list(cfg.data.train))
+    report = summarise(values, str(cfg.model.checkpoint), list(cfg.data.train), rule)
     if rank == 0 and out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "probe.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         plot_report(report, out / "probe.png")
     return report
+
+
+def probe_worker(config_dict: dict, samples: int, micro_batch: int, out: str, seed: int, rule: str = "midpoint") -> dict:
+    """One rank's probe from a plain config dict (picklable, for spawned local workers)."""
+    from megatron_sft.config import config_from_dict
+
+    return asdict(run_probe(config_from_dict(config_dict), samples, micro_batch, Path(out), seed, rule))

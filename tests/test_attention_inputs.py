@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sft.train.attention import (
+from megatron_sft.model.attention import (
     attention_inputs,
     block_causal_mask,
     thd_packed_seq_params,

@@ -16,7 +16,7 @@ from megatron_sft.model.builder import build_transformer_config
 from megatron_sft.testing.convert_check import (
     assert_same_tensors, convert_and_export_worker, first_result, logits_worker, safetensors_tensors,
 )
-from megatron_sft.testing.tiny_models import TINY_VARIANTS, save_tiny_hf_model
+from megatron_sft.toy.tiny_models import TINY_VARIANTS, save_tiny_hf_model
 
 INPUT_IDS = torch.randint(6, 250, (2, 24), generator=torch.Generator().manual_seed(0))
 

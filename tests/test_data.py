@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from megatron_sft.data.formatting import FormatConfig, Formatter, tokenize_rows
+from megatron_sft.config import DataConfig
+from megatron_sft.data.formatting import Formatter, tokenize_rows
 from megatron_sft.data.packing import pack_examples, single_rows
 from megatron_sft.data.sources import DataError, read_rows
-from megatron_sft.testing.tiny_models import save_tiny_tokenizer
+from megatron_sft.toy.tiny_models import save_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_malformed_json_names_file_and_line(tmp_path):
 
 def test_prompt_response_trains_on_response_and_eos_only(tokenizer, tmp_path):
     rows = read_rows(_write_jsonl(tmp_path / "t.jsonl", [{"extra_info": {"question": "2 + 3 ?", "answer": "5 ."}}]))
-    config = FormatConfig(prompt_key="extra_info.question", response_key="extra_info.answer")
+    config = DataConfig(prompt_key="extra_info.question", response_key="extra_info.answer")
     (example,), _ = tokenize_rows(rows, Formatter(tokenizer, config))
     assert _trained_text(tokenizer, example) == "5 . <|end|>"
     untrained = tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask) if not m])
@@ -62,7 +63,7 @@ def test_prompt_response_trains_on_response_and_eos_only(tokenizer, tmp_path):
 
 def test_plain_template(tokenizer, tmp_path):
     rows = read_rows(_write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a b", "response": "c"}]))
-    (example,), _ = tokenize_rows(rows, Formatter(tokenizer, FormatConfig(template="plain", plain_template="q : {prompt} =")))
+    (example,), _ = tokenize_rows(rows, Formatter(tokenizer, DataConfig(template="plain", plain_template="q : {prompt} =")))
     assert tokenizer.decode(example.input_ids) == "q : a b = c <|end|>" and _trained_text(tokenizer, example) == "c <|end|>"
 
 
@@ -72,7 +73,7 @@ def test_chat_messages_train_on_every_assistant_turn(tokenizer, tmp_path):
         {"role": "user", "content": "2 + 2 ?"}, {"role": "assistant", "content": "4 ."},
     ]
     rows = read_rows(_write_jsonl(tmp_path / "t.jsonl", [{"messages": messages}]))
-    (example,), _ = tokenize_rows(rows, Formatter(tokenizer, FormatConfig()))
+    (example,), _ = tokenize_rows(rows, Formatter(tokenizer, DataConfig()))
     assert _trained_text(tokenizer, example) == "2 <|end|> 4 . <|end|>"
 
 
@@ -80,7 +81,7 @@ def test_bad_rows_error_with_location_or_are_skipped_and_counted(tokenizer, tmp_
     path = _write_jsonl(tmp_path / "t.jsonl", [
         {"prompt": "1", "response": "2"}, {"prompt": "1"}, {"prompt": "3", "response": ""}, {"prompt": "4", "response": "5"},
     ])
-    formatter = Formatter(tokenizer, FormatConfig())
+    formatter = Formatter(tokenizer, DataConfig())
     with pytest.raises(DataError, match=r"t.jsonl:2: no field 'response'.*data.on_bad_row=skip"):
         tokenize_rows(read_rows(path), formatter)
     examples, report = tokenize_rows(read_rows(path), formatter, on_bad_row="skip")
@@ -91,20 +92,20 @@ def test_bad_rows_error_with_location_or_are_skipped_and_counted(tokenizer, tmp_
 
 def test_truncation_policies(tokenizer, tmp_path):
     path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1", "response": " ".join(["7"] * 20)}])
-    (cut,), report = tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=10)))
+    (cut,), report = tokenize_rows(read_rows(path), Formatter(tokenizer, DataConfig(max_length=10)))
     assert len(cut) == 10 and report.truncated == 1 and cut.truncated and sum(cut.target_mask) > 0
     # a row that fits max_length exactly (4 prompt + 20 response + eos) is not counted as truncated
-    (fits,), report = tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=25)))
+    (fits,), report = tokenize_rows(read_rows(path), Formatter(tokenizer, DataConfig(max_length=25)))
     assert len(fits) == 25 and report.truncated == 0 and not fits.truncated
     with pytest.raises(DataError, match="no usable rows"):
-        tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=10, truncation="drop")), "skip")
+        tokenize_rows(read_rows(path), Formatter(tokenizer, DataConfig(max_length=10, truncation="drop")), "skip")
     with pytest.raises(DataError, match="prompt alone fills data.max_length=3"):
-        tokenize_rows(read_rows(path), Formatter(tokenizer, FormatConfig(max_length=3)))
+        tokenize_rows(read_rows(path), Formatter(tokenizer, DataConfig(max_length=3)))
 
 
 def test_packing_keeps_every_example_once_with_reset_positions(tokenizer, tmp_path):
     records = [{"prompt": "1 " * (i % 7 + 1), "response": "2 " * (i % 5 + 1)} for i in range(40)]
-    examples, _ = tokenize_rows(read_rows(_write_jsonl(tmp_path / "t.jsonl", records)), Formatter(tokenizer, FormatConfig()))
+    examples, _ = tokenize_rows(read_rows(_write_jsonl(tmp_path / "t.jsonl", records)), Formatter(tokenizer, DataConfig()))
     packed = pack_examples(examples, max_length=32)
     assert sorted(s for row in packed for s in row.sources) == sorted(e.where for e in examples)
     assert all(len(row) <= 32 for row in packed) and len(packed) < len(examples)

@@ -190,7 +190,7 @@ def right_answer(name: str, record: dict) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     path = tmp_path_factory.mktemp("eval") / "model"
     save_tiny_hf_model(path, config_overrides={"max_position_embeddings": 4096})
@@ -320,7 +320,7 @@ def test_vllm_backend_matches_hf_greedy(tiny_model, tmp_path, monkeypatch):
     from megatron_sft.evaluation.backends import HFBackend, Sampling, VLLMBackend
     from megatron_sft.launch import run_local_workers
     from megatron_sft.testing.convert_check import convert_and_export_worker
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -333,3 +333,32 @@ def test_vllm_backend_matches_hf_greedy(tiny_model, tmp_path, monkeypatch):
     hf = HFBackend(str(model)).generate(prompts, sampling, [0, 0])
     vl = VLLMBackend(str(model), max_model_len=512, gpu_memory_utilization=0.3).generate(prompts, sampling, [0, 0])
     assert [c[0].text for c in hf] == [c[0].text for c in vl]
+
+
+MEDICAL = ("medqa", "medmcqa", "mmlu_pro_medical", "gpqa_medical", "medbullets_op4", "medbullets_op5", "pubmedqa")
+
+
+@pytest.mark.parametrize("name", MEDICAL)
+def test_letter_grader_on_every_item_of_each_medical_benchmark(name):
+    """Every item of the real test set: its answer letter in a box scores 1, every other option's letter 0, a
+    letter that is no option 0 with an error; the answer's option text is read as its letter. A grader that
+    scores everything (or nothing) right, or reads the wrong letter, fails here on thousands of items."""
+    items = load_items(BENCHMARKS[name])
+    grader = BENCHMARKS[name].grader
+    letters = set()
+    for item in items:
+        options = item.meta["options"]
+        assert item.reference in options, (item.id, item.reference, sorted(options))
+        letters.add(item.reference)
+        right = grade(grader, f"Reasoning... \\boxed{{{item.reference}}}", item.reference, item.meta)
+        assert (right["score"], right["pred"]) == (1.0, item.reference), (item.id, right)
+        for other in sorted(set(options) - {item.reference}):
+            assert grade(grader, f"\\boxed{{{other}}}", item.reference, item.meta)["score"] == 0.0, (item.id, other)
+        texts = {t.strip().upper() for t in options.values()}  # some items' options are themselves letters
+        outside = next(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in options and c not in texts)
+        result = grade(grader, f"\\boxed{{{outside}}}", item.reference, item.meta)
+        assert result["score"] == 0.0 and result["error"], (item.id, result)
+    assert len(letters) >= 3, f"{name}: answers use only {sorted(letters)}"  # a real key, not one letter throughout
+    sample = items[:: max(1, len(items) // 50)]
+    by_text = [grade(grader, f"\\boxed{{{i.meta['options'][i.reference]}}}", i.reference, i.meta)["score"] for i in sample]
+    assert sum(by_text) >= 0.9 * len(sample), f"{name}: option texts read as their letter in {sum(by_text)}/{len(sample)}"

@@ -22,7 +22,7 @@ GRADED_BY = {"math500": ("math_verify", "math-verify"), "figfont": ("reasoning_g
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     path = tmp_path_factory.mktemp("eval_trust") / "model"
     save_tiny_hf_model(path, config_overrides={"max_position_embeddings": 4096})

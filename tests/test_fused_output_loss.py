@@ -104,7 +104,8 @@ RUN = ["train.max_steps=4", "checkpoint.every_steps=2", "optim.lr=3e-3", "optim.
        "objective.name=neg_p"]
 
 
-@pytest.mark.parametrize("layout", [pytest.param((1, []), marks=pytest.mark.slow), (2, ["parallel.tensor=2"]),
+@pytest.mark.parametrize("layout", [pytest.param((1, []), marks=pytest.mark.slow),
+                                    (2, ["parallel.tensor=2", "parallel.sequence_parallel=false"]),
                                     pytest.param((2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
                                                  marks=pytest.mark.slow)],
                          ids=["tp1", "tp2", "tp2-sp"])

@@ -7,8 +7,8 @@ import torch
 
 from megatron_sft.loss import finalize_loss, reduce_loss, vocab_parallel_objective_loss
 from megatron_sft.objectives import example_specs
-from megatron_sft.testing.loss_check import make_case_inputs
-from megatron_sft.testing.reference import reference_loss
+from megatron_sft.selfcheck.loss_cases import make_case_inputs
+from megatron_sft.selfcheck.reference_loss import reference_loss
 
 pytestmark = pytest.mark.gpu
 

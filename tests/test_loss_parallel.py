@@ -7,8 +7,8 @@ import torch
 
 from megatron_sft.launch import run_local_workers
 from megatron_sft.objectives import example_specs
-from megatron_sft.testing.loss_check import assemble_case, loss_cases_worker, make_case_inputs
-from megatron_sft.testing.reference import reference_loss
+from megatron_sft.selfcheck.loss_cases import assemble_case, loss_cases_worker, make_case_inputs
+from megatron_sft.selfcheck.reference_loss import reference_loss
 
 CASES = [dict(spec=s, dtype=torch.float32, reduction="token_mean", denominator="selected", padded=False) for s in example_specs()]
 CASES += [

@@ -129,9 +129,9 @@ def test_figfont_is_generated_deterministically_and_its_answers_score_one(tmp_pa
 def test_prepared_rows_load_in_the_trainer_and_the_cli_reports(tmp_path):
     from transformers import AutoTokenizer
 
-    from megatron_sft.testing.tiny_models import save_tiny_tokenizer
-    from megatron_sft.train.batches import load_rows
-    from megatron_sft.train.config import DataConfig
+    from megatron_sft.toy.tiny_models import save_tiny_tokenizer
+    from megatron_sft.data.batches import load_rows
+    from megatron_sft.config import DataConfig
 
     write_jsonl(tmp_path / "raw.jsonl", numina_rows(12))
     done = subprocess.run([sys.executable, "-m", "megatron_sft", "prepare", "math", "--out", str(tmp_path / "data"),

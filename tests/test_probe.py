@@ -21,17 +21,29 @@ def test_recommendation_follows_the_continuum():
     assert "figfont" in recommend(0.01)[2] and "math" in recommend(0.8)[2]
 
 
+def test_the_paper_rule_and_ours_place_mean_p_differently_between_their_boundaries():
+    """midpoint: MS from 0.65, MW below 0.25; the paper's: MS above 0.5, MW below 0.1."""
+    from megatron_sft.probe import other_rules
+
+    cases = {0.05: ("nll", "nll"), 0.2: ("nll", "adaptive_mix"), 0.5: ("adaptive_mix", "adaptive_mix"),
+             0.55: ("adaptive_mix", "neg_p"), 0.65: ("neg_p", "neg_p")}
+    for mean_p, (midpoint, paper) in cases.items():
+        assert (recommend(mean_p)[1], recommend(mean_p, "paper")[1]) == (midpoint, paper), mean_p
+    assert other_rules(0.55, "midpoint") == ["paper rule (paper: MS at mean p > 0.5, MW below 0.1 (the paper's own: "
+                                             "above 0.5 prior-leaning, below 0.1 NLL)): model-strong (MS) -> neg_p"]
+
+
 def hf_token_p(model_dir, rows) -> tuple[list[float], list[int]]:
     """Independent reference: the HF model's p of every response token (and eos), with its response position."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_sft.demo import _encode
+    from megatron_sft.toy.hf_loop import encode_row
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     ps, positions = [], []
     for row in rows:
-        prompt, response = _encode(tokenizer, row)
+        prompt, response = encode_row(tokenizer, row)
         with torch.no_grad():
             logp = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
         ps += logp.gather(1, torch.tensor(response)[:, None]).exp().squeeze(1).tolist()
@@ -41,9 +53,11 @@ def hf_token_p(model_dir, rows) -> tuple[list[float], list[int]]:
 
 def test_probe_at_tp2_matches_the_hf_model(tmp_path):
     from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
-    from megatron_sft.demo import pretrain_base_model, shift_task_rows, write_jsonl
+    from megatron_sft.toy.files import write_jsonl
+    from megatron_sft.toy.hf_loop import pretrain_base_model
+    from megatron_sft.toy.letter_task import shift_task_rows
     from megatron_sft.launch import run_local_workers
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     save_tiny_hf_model(tmp_path / "hf", "qwen2-tied-gqa", layers=2, hidden=64)
     rows = shift_task_rows(40, seed=4)
@@ -53,7 +67,7 @@ def test_probe_at_tp2_matches_the_hf_model(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "megatron_sft", "probe", "--checkpoint", str(tmp_path / "ckpt"),
                            "--data", str(tmp_path / "train.jsonl"), "--samples", "100", "--micro-batch", "3",
-                           "--nproc", "2", "--tp", "2", "--out", str(tmp_path / "probe")],
+                           "--nproc", "2", "--tp", "2", "--out", str(tmp_path / "probe"), "--rule", "paper"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "probe" / "probe.json").read_text())
@@ -71,6 +85,8 @@ def test_probe_at_tp2_matches_the_hf_model(tmp_path):
     assert report["position_edges"][:2] == [0, 1]
     assert report["position_mean_p"][0] == pytest.approx(sum(first) / len(first), abs=1e-5)
     assert report["region"] in done.stdout and report["recommended_objective"] in done.stdout
+    assert report["rule"] == "paper" and (report["region"], report["recommended_objective"]) == recommend(report["mean_p"], "paper")[:2]
+    assert report["other_rules"][0].startswith("midpoint rule") and report["other_rules"][0] in done.stdout
 
 
 def test_probe_names_a_missing_checkpoint(tmp_path):

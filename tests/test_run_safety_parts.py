@@ -160,14 +160,15 @@ def test_readers_turn_decoding_errors_into_data_errors_naming_the_file(tmp_path)
 def test_undecodable_lines_are_skipped_and_counted_with_on_bad_row_skip(tmp_path):
     from transformers import AutoTokenizer
 
-    from megatron_sft.data.formatting import FormatConfig, Formatter, tokenize_rows
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.config import DataConfig
+    from megatron_sft.data.formatting import Formatter, tokenize_rows
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     save_tiny_hf_model(tmp_path / "hf", layers=1)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "a ?", "response": "b"}\n{"prompt": "\xff"}\n{"prompt": oops}\n')
-    formatter = Formatter(tokenizer, FormatConfig(max_length=64))
+    formatter = Formatter(tokenizer, DataConfig(max_length=64))
     examples, report = tokenize_rows(read_rows(bad, bad_lines="yield"), formatter, on_bad_row="skip")
     assert len(examples) == 1 and report.rows == 3
     assert report.skipped == Counter({"not valid UTF-8": 1, "not valid JSON": 1})
@@ -199,7 +200,7 @@ def test_dropped_fraction_limit():
     ("optim.clip_grad=-1", "optim.clip_grad must be >= 0"),
 ])
 def test_numeric_keys_must_be_finite_and_in_range(tmp_path, override, message):
-    from megatron_sft.train.config import ConfigError, load_config
+    from megatron_sft.config import ConfigError, load_config
 
     base = [f"output_dir={tmp_path}", "model.checkpoint=x", "data.train=y.jsonl"]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -208,7 +209,7 @@ def test_numeric_keys_must_be_finite_and_in_range(tmp_path, override, message):
 
 def test_layout_is_checked_against_the_model(tmp_path):
     from megatron_sft.model.args import ModelArgs
-    from megatron_sft.train.config import ConfigError, load_config
+    from megatron_sft.config import ConfigError, load_config
     from megatron_sft.train.preflight import check_layout
 
     args = ModelArgs(architecture="Qwen2ForCausalLM", vocab_size=100, hidden_size=64, ffn_hidden_size=128, num_layers=6,

@@ -51,7 +51,7 @@ def fake_logs(state: Path) -> str:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A project directory with a tiny HF base model and figfont data prepared by the real command."""
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     work = tmp_path_factory.mktemp("slurm_work")
     save_tiny_hf_model(work / "models" / "tiny", layers=2, hidden=64)
@@ -103,11 +103,12 @@ def test_sweep_submit_script_chains_arrays(tmp_path):
     assert "--array=0-2 " in submit  # one conversion per base model
     assert '--dependency="afterok:$convert" --array=0-5%2' in submit  # training waits for every conversion
     assert '--dependency="aftercorr:$train" --array=0-5%2' in submit  # each export follows its own training task
-    assert "# not evaluated here: alpacaeval" in submit and "eval.sbatch" not in submit  # judge-based: no eval job
+    assert '"$job_dir/eval.sbatch" alpacaeval' in submit  # judged: the eval job needs a judge, checked first
+    assert submit.index("alpacaeval needs a judge") < submit.index("convert=$(submit")
     tensor = {Path(r).stem: __import__("yaml").safe_load(Path(r).read_text())["parallel"]["tensor"] for r in runs}
     assert tensor == {"instruction_tuning_qwen2.5-3b_nll": 1, "instruction_tuning_qwen2.5-3b_neg_p": 1,
-                      "instruction_tuning_qwen-2.5-7b_nll": 2, "instruction_tuning_qwen-2.5-7b_neg_p": 2,
-                      "instruction_tuning_qwen2.5-14b_nll": 8, "instruction_tuning_qwen2.5-14b_neg_p": 8}
+                      "instruction_tuning_qwen2.5-7b_nll": 1, "instruction_tuning_qwen2.5-7b_neg_p": 1,
+                      "instruction_tuning_qwen2.5-14b_nll": 4, "instruction_tuning_qwen2.5-14b_neg_p": 4}  # memory/plan.py
 
 
 def test_pipeline_convert_train_export_on_fake_slurm(workdir):
@@ -119,14 +120,14 @@ def test_pipeline_convert_train_export_on_fake_slurm(workdir):
     env["MEGATRON_SFT_EVAL_ARGS"] = "--backend hf --limit 3 --max-tokens 4 --grader-workers 1"
     done = subprocess.run(["bash", str(job_dir / "submit.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr + fake_logs(state)
-    convert_id, train_id, export_id, eval_id = (job_dir / "job_ids").read_text().split()
-    for job in (convert_id, train_id, export_id, eval_id):
+    convert_id, train_id, export_id, eval_id, compare_id = (job_dir / "job_ids").read_text().split()
+    for job in (convert_id, train_id, export_id, eval_id, compare_id):
         assert (state / f"job_{job}.rc").read_text().strip() == "0", fake_logs(state)
     options = (state / "sbatch_options").read_text().splitlines()
     assert f"--dependency=afterok:{convert_id}" in options and f"--dependency=afterok:{train_id}" in options
-    assert f"--dependency=afterok:{export_id}" in options
+    assert f"--dependency=afterok:{export_id}" in options and f"--dependency=afterany:{eval_id}" in options
 
-    run = workdir / "runs" / "figfont_qwen-2.5-1.5b_nll"
+    run = workdir / "runs" / "figfont_qwen2.5-1.5b_nll"
     completed = json.loads((run / "COMPLETED").read_text())
     assert completed["steps"] == 12 and not completed["stopped_by_signal"]  # 96 rows / 8 per step, 1 epoch
     train_log = (state / f"job_{train_id}.log").read_text()
@@ -147,6 +148,8 @@ def test_pipeline_convert_train_export_on_fake_slurm(workdir):
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["label"] == run.name and results["benchmarks"]["figfont"]["items"] == 3
     assert len((run / "eval" / "figfont" / "generations.jsonl").read_text().splitlines()) == 3
+    table = (job_dir / "compare" / "compare.md").read_text()  # the chain's last job: the runs side by side
+    assert f"| {run.name} |" in table and "figfont" in table, table
 
 
 def test_usr1_saves_requeues_and_the_requeued_job_resumes(workdir):
@@ -158,7 +161,7 @@ def test_usr1_saves_requeues_and_the_requeued_job_resumes(workdir):
                              env=env, capture_output=True, text=True, timeout=300)
     assert convert.returncode == 0, convert.stdout + convert.stderr
     env.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_RESTART_COUNT="0")
-    run = workdir / "runs" / "figfont_qwen-2.5-1.5b_neg_p"
+    run = workdir / "runs" / "figfont_qwen2.5-1.5b_neg_p"
     metrics = run / "metrics.jsonl"
     log1 = (state / "first.log").open("w")
     batch = subprocess.Popen(["bash", str(job_dir / "train.sbatch"), f"@{job_dir / 'runs.txt'}"], cwd=workdir, env=env,

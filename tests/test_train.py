@@ -19,7 +19,7 @@ from megatron_sft.testing.train_check import (
 
 LAYOUTS = {
     # name: (processes, overrides)
-    "tp2": (2, ["parallel.tensor=2"]),
+    "tp2": (2, ["parallel.tensor=2", "parallel.sequence_parallel=false"]),  # SP is on by default with TP
     "tp2_sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pipeline=2"]),
     "pp2_interleaved": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
@@ -137,13 +137,19 @@ def test_packing_gives_the_same_per_token_loss_as_unpacked_rows_and_hf(tiny):
     packed = run_local_workers(per_token_loss_worker, 2, str(ckpt), str(data), True, 2)[0]
     unpacked = run_local_workers(per_token_loss_worker, 2, str(ckpt), str(data), False, 2)[0]
     assert packed.keys() == unpacked.keys() and len(packed) == 48
+    # negative control: attention across the packed sequences (a packing bug) moves losses far beyond the
+    # tolerance below, so the comparison can see one
+    leaky = run_local_workers(per_token_loss_worker, 2, str(ckpt), str(data), True, 2, 48, False, True)[0]
+    leak = max(float((leaky[w]["loss"] - unpacked[w]["loss"]).abs().max()) for w in unpacked)
+    assert leak > 1e-2, leak
     hf = AutoModelForCausalLM.from_pretrained(str(root / "hf"), dtype=torch.float32).eval()
     from transformers import AutoTokenizer
 
-    from megatron_sft.data.formatting import FormatConfig, Formatter
+    from megatron_sft.config import DataConfig
+    from megatron_sft.data.formatting import Formatter
     from megatron_sft.data.sources import read_rows
 
-    formatter = Formatter(AutoTokenizer.from_pretrained(str(root / "hf")), FormatConfig(max_length=48))
+    formatter = Formatter(AutoTokenizer.from_pretrained(str(root / "hf")), DataConfig(max_length=48))
     for row in read_rows(data):
         example = formatter(row)
         p, u = packed[row.where], unpacked[row.where]
@@ -177,7 +183,7 @@ def test_bad_row_names_file_and_row(tiny, tmp_path):
 
 
 def test_config_errors_name_the_key(tmp_path):
-    from megatron_sft.train.config import ConfigError, load_config
+    from megatron_sft.config import ConfigError, load_config
 
     base = [f"output_dir={tmp_path}", "model.checkpoint=x", "data.train=y.jsonl"]
     with pytest.raises(ConfigError, match="unknown key optim.learning_rate"):
@@ -195,7 +201,10 @@ def test_config_errors_name_the_key(tmp_path):
     # recipe defaults
     d = load_config(None, base)
     assert (d.optim.lr, d.optim.betas, d.optim.weight_decay, d.optim.warmup_ratio, d.optim.schedule, d.optim.clip_grad,
-            d.train.global_batch_size, d.train.epochs) == (5e-5, (0.9, 0.95), 0.01, 0.1, "cosine", 1.0, 256, 3)
+            d.train.global_batch_size, d.train.epochs) == (5e-5, (0.9, 0.95), 0.01, 0.1, "cosine", 1.0, 256, None)
+    from megatron_sft.train.trainer import schedule_length
+
+    assert schedule_length(d.train, 10) == (30, 30)  # epochs unset, no max_steps: 3 epochs
 
 
 def _signal_after_step_2(tiny, out: Path, sig: int) -> tuple[list[str], subprocess.Popen, str]:
@@ -287,8 +296,8 @@ def test_model_only_checkpoint_and_hf_export_hold_the_trained_weights(tiny):
 
     from megatron_sft.data.formatting import Formatter
     from megatron_sft.data.sources import read_rows
-    from megatron_sft.train.batches import format_config
-    from megatron_sft.train.config import load_config
+
+    from megatron_sft.config import load_config
 
     root, _, data = tiny
     run = ["objective.name=nll", "checkpoint.save_optimizer=false", "checkpoint.export_hf=true"]
@@ -297,7 +306,7 @@ def test_model_only_checkpoint_and_hf_export_hold_the_trained_weights(tiny):
     assert any((step_dir / "model").iterdir()) and not list(step_dir.glob("optimizer/*"))
     assert json.loads((step_dir / "trainer_state.json").read_text())["has_optimizer"] is False
     assert summary["export"] == str(out / "hf")
-    formatter = Formatter(AutoTokenizer.from_pretrained(str(out / "hf")), format_config(load_config(out / "config.yaml").data))
+    formatter = Formatter(AutoTokenizer.from_pretrained(str(out / "hf")), load_config(out / "config.yaml").data)
 
     def held_out_nll(model_dir: Path) -> float:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()

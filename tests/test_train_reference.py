@@ -22,6 +22,7 @@ from megatron_sft.testing.train_check import make_tiny_run_inputs, tiny_config
 from megatron_sft.testing.train_reference import (
     gradient_errors,
     reference_step,
+    reference_trainer_loop,
     run_first_step,
     selection_margin,
 )
@@ -61,11 +62,12 @@ def tiny(tmp_path_factory):
     return root, ckpt, data
 
 
-def first_step(tiny, layout: str, objective: str, normalization: str, reduction: str, recompute: str) -> tuple[dict, object]:
-    """(the trainer's first-step dump, its config) for one case."""
+def first_step(tiny, layout: str, objective: str, normalization: str, reduction: str, recompute: str,
+               tag: str = "") -> tuple[dict, object]:
+    """(the trainer's first-step dump, its config) for one case (``tag``: a run directory of its own)."""
     root, ckpt, data = tiny
     nproc, overrides = LAYOUTS[layout]
-    name = f"{layout}-{objective}-{normalization}-{reduction}-{recompute}".replace(":", "_")
+    name = f"{layout}-{objective}-{normalization}-{reduction}-{recompute}{tag}".replace(":", "_")
     config = tiny_config(ckpt, data, root / name, f"objective.name={objective}", f"objective.normalization={normalization}",
                          f"objective.reduction={reduction}", f"model.recompute={recompute}", "train.max_steps=1",
                          "train.eval_every_steps=0", *overrides)
@@ -77,11 +79,11 @@ def first_step(tiny, layout: str, objective: str, normalization: str, reduction:
 
 
 def check_first_step(tiny, layout: str, objective: str, normalization: str, reduction: str, recompute: str) -> None:
-    from megatron_sft.train.batches import format_config
+
 
     root, _, data = tiny
     dump, config = first_step(tiny, layout, objective, normalization, reduction, recompute)
-    ref = reference_step(root / "hf", data, dump, objective, normalization, format_config(config.data), reduction)
+    ref = reference_step(root / "hf", data, dump, objective, normalization, config.data, reduction)
     if not ref["selected"].all():  # a threshold / percentile: well posed, and it drops some tokens but not all
         assert ref["selected"].any() and selection_margin(ref["p"], ref["selected"]) > 1e-5, objective
     assert abs(dump["loss"] - ref["loss"]) <= 1e-6 * abs(ref["loss"]), (dump["loss"], ref["loss"])
@@ -91,6 +93,28 @@ def check_first_step(tiny, layout: str, objective: str, normalization: str, redu
     total_diff = sum(float((dump["grads"][k].double() - g).pow(2).sum()) for k, g in ref["grads"].items())
     total = sum(float(g.pow(2).sum()) for g in ref["grads"].values())
     assert (total_diff / total) ** 0.5 <= 1e-6, f"whole gradient: relative error {(total_diff / total) ** 0.5:.2e}"
+
+
+def _assert_same_step(dump: dict, ref: dict) -> None:
+    assert abs(dump["loss"] - ref["loss"]) <= 1e-6 * abs(ref["loss"]), (dump["loss"], ref["loss"])
+    errors = gradient_errors(dump["grads"], ref["grads"])
+    for name, error in errors.items():
+        assert error <= (1e-4 if "q_proj" in name or "k_proj" in name else 1e-5), f"{name}: relative gradient error {error:.2e}"
+
+
+@pytest.mark.parametrize("layout,objective", [("one", "neg_p"), pytest.param("dp2", "nll", marks=pytest.mark.slow)])
+def test_micro_batch_sum_is_the_reference_trainers_step(tiny, layout, objective):
+    """objective.normalization=micro_batch_sum: on 1 rank x 4 micro-batches the gradient before clipping is that
+    of the SUM of the four micro-batch means, the logged loss their mean, equal to the reference trainer's loop
+    re-written in plain float64 PyTorch; and 4x the gradient of normalization=micro_batch on the same rows."""
+    root, _, data = tiny
+    dump, config = first_step(tiny, layout, objective, "micro_batch_sum", "token_mean", "none")
+    _assert_same_step(dump, reference_trainer_loop(root / "hf", data, dump, objective, config.data))
+    averaged, _ = first_step(tiny, layout, objective, "micro_batch", "token_mean", "none", tag="-vs-sum")
+    per_rank = len(dump["micro_batches"][0])
+    assert averaged["loss"] == pytest.approx(dump["loss"], rel=1e-7)
+    errors = gradient_errors(dump["grads"], {k: per_rank * v.double() for k, v in averaged["grads"].items()})
+    assert max(errors.values()) <= 1e-6
 
 
 @pytest.mark.parametrize("layout,objective,normalization,reduction,recompute", DEFAULT_CASES)

@@ -14,21 +14,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "average), in percent, as OUT/compare.md and OUT/compare.csv, and a grouped bar chart OUT/compare.png.",
     )
     parser.add_argument("results", nargs="+", help="eval output directories (or their results.json)")
-    parser.add_argument("--labels", help="comma-separated row names (default: each run's label)")
+    parser.add_argument("--labels", help="comma-separated row names (default: each run's label; for an hf/ export, "
+                        "its run directory)")
     parser.add_argument("--metric", default="accuracy",
-                        help="metric to show: accuracy (avg@n), pass@K, base_accuracy (code) ... (default accuracy)")
+                        help="metric to show: accuracy (avg@n; alpacaeval: the length-controlled win rate), pass@K, "
+                        "base_accuracy (code), win_rate (alpacaeval) ... (default accuracy)")
     parser.add_argument("--out", default="compare", help="directory for compare.{md,csv,png} (default ./compare)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_sft.evaluation.records import write_atomic
-    from megatron_sft.evaluation.tables import csv_table, load_results, markdown_table, plot_runs
+    from megatron_sft.evaluation.tables import csv_table, load_results, markdown_table, plot_runs, row_labels
 
     try:
         runs = [load_results(path) for path in args.results]
-        labels = args.labels.split(",") if args.labels else [run.get("label") or Path(p).name
-                                                              for run, p in zip(runs, args.results)]
+        labels = args.labels.split(",") if args.labels else row_labels(runs, args.results)
         if len(labels) != len(runs):
             raise ValueError(f"--labels names {len(labels)} runs, {len(runs)} results given")
         table = markdown_table(runs, labels, args.metric)

@@ -8,9 +8,12 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "convert",
-        help="convert HF checkpoints to megatron-core (any TP/PP) and back to HF safetensors",
-        description="hf-to-mcore writes CKPT/{model_args.json, model/ (torch_dist), tokenizer/}; the checkpoint "
-        "loads at any tensor/pipeline parallel size. mcore-to-hf writes sharded safetensors, the index, config.json "
+        help="convert HF checkpoints to megatron-core and back to HF safetensors (no target TP/PP: checkpoints "
+        "reshard when training loads them)",
+        description="hf-to-mcore writes CKPT/{model_args.json, model/ (torch_dist), tokenizer/}. It takes no "
+        "parallel layout: the checkpoint is written once and resharded to the run's parallel.tensor / "
+        "parallel.pipeline when `megatron-sft train` (or probe) loads it, so one conversion serves every layout. "
+        "mcore-to-hf writes sharded safetensors, the index, config.json "
         "and the tokenizer files, loadable by transformers and vLLM. Supported: Qwen2/Qwen2.5 (-Math, -Coder) and "
         "Llama (Llama-3.x, DeepSeek-Math).",
     )

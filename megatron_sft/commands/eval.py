@@ -10,12 +10,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from megatron_sft.evaluation.benchmarks import DOMAINS
     from megatron_sft.evaluation.runner import config_fields
 
-    listing = "\n".join(f"  {domain:8s} {', '.join(names)}" for domain, names in DOMAINS.items())
+    listing = "\n".join(f"  {domain:12s} {', '.join(names)}" for domain, names in DOMAINS.items())
     parser = sub.add_parser(
-        "eval", help="evaluate an HF model on the paper's benchmarks (math, medical, figfont, code)",
+        "eval", help="evaluate an HF model on the paper's benchmarks (math, medical, figfont, code, AlpacaEval 2, "
+        "MMLU-ProX)",
         description="Generate answers with vLLM (default on a GPU when installed; data parallel over engines, "
         "tensor parallel within one) or transformers generate (CPU fallback), grade them (math-verify on the last "
-        "\\boxed{}; option letters for medical MCQ; reasoning-gym's figlet scorer; evalplus execution for code), "
+        "\\boxed{}; option letters for medical and multilingual MCQ; reasoning-gym's figlet scorer; evalplus "
+        "execution for code; alpacaeval: an LLM judge (--judge-model or --judge-url) and alpaca-eval's win rates), "
         "and write OUT/results.{json,csv,md}: accuracy as avg@n over n samples, pass@k, and the mean per domain. "
         "Every generation is saved in OUT/BENCH/generations.jsonl; a rerun skips finished items. Settings come "
         "from --config YAML (keys as the flags, with _) and the flags, which win.\n\nBenchmarks (domain: names):\n"

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from megatron_sft.probe import MS_FROM, MW_BELOW
+    from megatron_sft.capability import RULES, rule_text
 
     parser = sub.add_parser(
         "probe", help="measure the base model's token probabilities on the training data and recommend an objective",
         description="Run the base model (any TP/PP) forward over a random sample of the training rows, formatted "
         "as the trainer formats them, and report the mean token p of the responses (the paper's model-capability "
         "diagnostic), the histogram of p, the fractions below 0.1 / above 0.9, mean p by response position, and "
-        f"the recommended objective: model-strong (mean p >= {MS_FROM}) -> neg_p, model-weak (< {MW_BELOW}) -> nll, "
-        "in between -> adaptive_mix (neither dominates). Writes OUT/probe.json and OUT/probe.png. Takes a training "
+        f"the recommended objective: {rule_text()}, where neither NLL nor -p dominates. Writes OUT/probe.json and OUT/probe.png. Takes a training "
         "config (its model, data and format settings) and/or --checkpoint/--data.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -31,23 +29,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--pp", type=int, help="pipeline-parallel size (sets parallel.pipeline)")
     parser.add_argument("--nproc", type=int, help="local processes (as for train; unset under torchrun/Slurm)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--rule", choices=sorted(RULES), default="midpoint",
+                        help="capability rule of the recommendation: " + "; ".join(r.text for r in RULES.values())
+                        + " (default midpoint; the report states the other beside it)")
     parser.add_argument("--out", default="probe", help="directory for probe.json and probe.png (default ./probe)")
     parser.set_defaults(run=run)
 
 
-def probe_worker(config_dict: dict, samples: int, micro_batch: int, out: str, seed: int) -> dict:
-    from megatron_sft.probe import run_probe
-    from megatron_sft.train.config import config_from_dict
-
-    return asdict(run_probe(config_from_dict(config_dict), samples, micro_batch, Path(out), seed))
-
-
 def run(args: argparse.Namespace) -> int:
     from megatron_sft.data.sources import DataError
-    from megatron_sft.launch import run_local_workers
-    from megatron_sft.parallel import under_launcher
-    from megatron_sft.probe import ProbeReport
-    from megatron_sft.train.config import ConfigError, check_checkpoint_exists, load_config
+    from megatron_sft.launch import local_worker_count, run_local_workers
+    from megatron_sft.probe import ProbeReport, probe_worker
+    from megatron_sft.config import ConfigError, check_checkpoint_exists, load_config
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
@@ -65,11 +58,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(config_path, overrides + derived)
         check_checkpoint_exists(config)
         config.parallel.sequence_parallel = False
-        job = (config.to_dict(), args.samples, args.micro_batch, args.out, args.seed)
-        if args.nproc and args.nproc > 1:
-            if under_launcher():
-                raise ConfigError("--nproc is for local runs; under torchrun/Slurm the launcher starts the processes")
-            result = run_local_workers(probe_worker, args.nproc, *job, timeout_s=24 * 3600)[0]
+        job = (config.to_dict(), args.samples, args.micro_batch, args.out, args.seed, args.rule)
+        workers = local_worker_count(args.nproc)
+        if workers is not None:
+            result = run_local_workers(probe_worker, workers, *job, timeout_s=24 * 3600)[0]
         else:
             result = probe_worker(*job)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:

@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     one.add_argument("--dataset", required=True, help="recipe: " + ", ".join(RECIPES))
-    one.add_argument("--model", required=True, help="model key as in the reference, e.g. qwen-2.5-math-1.5b (see below)")
+    one.add_argument("--model", required=True, help="model key, e.g. qwen2.5-math-1.5b (the HF repo name in lower case; "
+                     "the reference's spellings such as qwen-2.5-math-1.5b and HF repo ids work too; see below)")
     one.add_argument("--objective", required=True,
                      help="objective spec (`megatron-sft objectives`), e.g. nll, neg_p, family:8; reference keys such as "
                      "original, p, GeneralFamily-8, OnlyTopP-0.5 work too")
@@ -62,7 +63,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     res.add_argument("--pp", type=int, help="pipeline-parallel size instead of the automatic choice")
     res.add_argument("--time", default="24:00:00", help="time limit of a training job (default 24:00:00); "
                      "a run that needs longer saves and requeues itself")
-    res.add_argument("--partition", help="sbatch --partition")
+    res.add_argument("--partition", help="sbatch --partition of the GPU jobs (train, eval)")
+    res.add_argument("--cpu-partition", help="sbatch --partition of the CPU-only jobs (convert, export; they request "
+                     "no GPU); default: the cluster's default partition")
     res.add_argument("--account", help="sbatch --account")
     res.add_argument("--qos", help="sbatch --qos")
     env = parser.add_argument_group("environment and paths (relative to --workdir)")
@@ -77,6 +80,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     env.add_argument("--hf-root", default="models", help="HF base models: HF_ROOT/<repo name>, downloaded by the "
                      "convert job when missing (default models)")
     env.add_argument("--hf-dir", help="one model's HF directory, instead of HF_ROOT/<repo name>")
+    env.add_argument("--as-reference", action="store_true",
+                     help="train as the reference trainer does (objective.normalization=micro_batch_sum: each "
+                     "micro-batch's mean backpropagated undivided, the clip acting on their sum), to reproduce the "
+                     "paper's runs step for step")
     env.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value",
                      help="override a training config value in every run (repeatable), e.g. --set train.epochs=3")
     env.add_argument("--eval-benchmarks", help="benchmarks the eval job runs after export (default: the dataset's, "
@@ -100,11 +107,12 @@ def _options(args: argparse.Namespace):
             setup = f"source {shlex.quote(str(venv / 'bin' / 'activate'))}"
     return SlurmOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gb, time=args.time,
-        partition=args.partition, account=args.account, qos=args.qos,
+        partition=args.partition, cpu_partition=args.cpu_partition, account=args.account, qos=args.qos,
         max_concurrent=getattr(args, "max_concurrent", None), setup=setup, container_image=args.container_image,
         container_mounts=args.container_mounts, workdir=args.workdir, data_root=args.data_root,
         checkpoint_root=args.ckpt_root, runs_root=args.runs_root, hf_root=args.hf_root, hf_dir=args.hf_dir,
-        tensor=args.tp, pipeline=args.pp, overrides=list(args.overrides), eval_benchmarks=args.eval_benchmarks,
+        tensor=args.tp, pipeline=args.pp, eval_benchmarks=args.eval_benchmarks,
+        overrides=(["objective.normalization=micro_batch_sum"] if args.as_reference else []) + list(args.overrides),
     )
 
 
@@ -134,8 +142,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         return sweep_runs(args.name, dataset, args.model, values)
 
     def name():
-        model = args.model or SWEEPS[args.name].default_models.get(dataset, "models")
-        return f"sweep-{args.name}_{dataset}_{model}"
+        """sweep-NAME_DATASET[_MODEL]: the sweep, never one of its runs (the model when all runs share one)."""
+        from megatron_sft.recipes.models import get_model
+
+        models = {get_model(run.model_key).key for run in runs()}
+        return f"sweep-{args.name}_{dataset}" + (f"_{models.pop()}" if len(models) == 1 else "")
 
     try:
         return _generate(args, name, dataset, runs)
@@ -147,10 +158,11 @@ def run_sweep(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, name_fn, dataset: str, runs_fn) -> int:
     from megatron_sft.objectives import ObjectiveSpecError
     from megatron_sft.recipes.datasets import UnknownRecipeError
-    from megatron_sft.recipes.jobs import JobError, job_summary, plan_job, submit_script, write_job
+    from megatron_sft.recipes.jobs import (
+        JobError, job_summary, list_files, plan_job, run_config_text, submit_script, write_job,
+    )
     from megatron_sft.recipes.models import UnknownModelError
     from megatron_sft.recipes.parallel_plan import PlanError
-    from megatron_sft.recipes.training_config import config_yaml
 
     prog = f"megatron-sft {args.command}"
     try:
@@ -159,13 +171,16 @@ def _generate(args: argparse.Namespace, name_fn, dataset: str, runs_fn) -> int:
     except (UnknownModelError, UnknownRecipeError, ObjectiveSpecError, PlanError, JobError) as err:
         print(f"{prog}: error: {err}")
         return 2
-    if args.dry_run:
-        print(f"# ---- submit.sh\n{submit_script(job)}")
-        for run in job.runs:
-            print(f"# ---- configs/{run.name}.yaml\n{config_yaml(run.config)}")
-        print(job_summary(job, None))
-        return 0
     job_dir = (args.job_dir or Path("jobs") / name).resolve()
+    if args.dry_run:  # every file write_job would write but the sbatch templates (copies of slurm/*.sbatch)
+        print(f"# ---- submit.sh\n{submit_script(job)}")
+        for listing, text in list_files(job, job_dir).items():
+            print(f"# ---- {listing}\n{text}")
+        for run in job.runs:
+            print(f"# ---- configs/{run.name}.yaml\n{run_config_text(job, run)}")
+        print(job_summary(job, None))
+        print(f"dry run: nothing written; without --dry-run this goes to {job_dir}")
+        return 0
     try:
         write_job(job, job_dir, overwrite=args.overwrite)
     except JobError as err:

@@ -7,9 +7,6 @@ gradient correctly with the vocabulary sharded over tensor-parallel ranks.
 from __future__ import annotations
 
 import argparse
-import time
-
-import torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,33 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_sft.launch import run_local_workers
-    from megatron_sft.objectives import example_specs, parse_objective
-    from megatron_sft.testing.loss_check import assemble_case, loss_cases_worker, make_case_inputs
-    from megatron_sft.testing.reference import reference_loss
+    from megatron_sft.objectives import ObjectiveSpecError
+    from megatron_sft.selfcheck.objective_check import check_objectives
 
-    world = args.world_size or args.tp
-    specs = args.objectives or example_specs()
-    for spec in specs:
-        parse_objective(spec)  # fail fast with the list of valid forms
-    cases = [dict(spec=s, dtype=torch.float32, reduction="token_mean", denominator="selected", padded=True) for s in specs]
-    started = time.perf_counter()
-    per_rank = run_local_workers(loss_cases_worker, world, args.tp, cases)
-    dp = world // args.tp
-    print(f"vocab-parallel f(p) loss: TP={args.tp} x DP={dp} on {world} processes ({time.perf_counter() - started:.1f}s)")
-    print(f"{'objective':18} {'loss':>12} {'reference':>12} {'|d loss|':>9} {'max|d grad|':>11}  prior")
-    failures = 0
-    for index, case in enumerate(cases):
-        logits, target, mask, vocab_size = make_case_inputs(index, case["padded"])
-        valid = (target != -100) & (mask != 0)
-        ref_loss, ref_grad, _ = reference_loss(logits, target, valid, case["spec"], vocab_size=vocab_size)
-        got = assemble_case(per_rank, index, args.tp, world)
-        grad, loss = got["grad"], got["losses"][0]
-        d_loss = abs(float(loss) - float(ref_loss))
-        d_grad = float((grad.double() - ref_grad).abs().max())
-        ok = d_loss <= args.tolerance and d_grad <= args.tolerance
-        failures += not ok
-        prior = parse_objective(case["spec"]).prior
-        print(f"{case['spec']:18} {float(loss):12.6f} {float(ref_loss):12.6f} {d_loss:9.1e} {d_grad:11.1e}  {prior}{'' if ok else '  FAIL'}")
-    print(f"{len(cases) - failures}/{len(cases)} objectives within {args.tolerance:g} of the reference")
+    try:
+        failures = check_objectives(args.tp, args.world_size or args.tp, args.objectives, args.tolerance)
+    except ObjectiveSpecError as err:
+        print(f"megatron-sft selftest: error: {err}")
+        return 2
     return 1 if failures else 0

@@ -6,11 +6,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from megatron_sft.train.config import describe_fields
+    from megatron_sft.config import describe_fields
 
     parser = sub.add_parser(
         "train",
@@ -37,27 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def train_worker(config_dict: dict, resume: bool = False) -> dict:
-    """One rank's training run from a plain config dict (picklable, for spawned local workers)."""
-    from megatron_sft.train.config import config_from_dict
-    from megatron_sft.train.trainer import train
-
-    return asdict(train(config_from_dict(config_dict), resume=resume))
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix (bad input, a refusal): one line and exit 2, no traceback."""
-    from megatron_sft.data.sources import DataError
-    from megatron_sft.objectives import ObjectiveSpecError
-    from megatron_sft.train.checkpoint_integrity import CheckpointDamagedError
-    from megatron_sft.train.config import ConfigError
-    from megatron_sft.train.run_lock import RunLockedError
-    from megatron_sft.train.save_guard import NoSpaceError
-
-    return (ConfigError, DataError, ObjectiveSpecError, FileNotFoundError, RunLockedError, CheckpointDamagedError,
-            NoSpaceError)
-
-
 def _say_once(message: str) -> None:
     """Print on global rank 0 only (under torchrun every rank reaches here with the same error)."""
     from megatron_sft.parallel import SINGLE_PROCESS_MARK
@@ -69,7 +47,8 @@ def _say_once(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_sft import stop_signal
     from megatron_sft.launch import WorkerError
-    from megatron_sft.train.config import load_config
+    from megatron_sft.config import load_config, resolved_value
+    from megatron_sft.train.entry import launch_training, user_errors
     from megatron_sft.train.step import NonFiniteError
 
     config_path, overrides = args.config, list(args.overrides)
@@ -81,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
             stop_signal.restore_default()
             print(resolved_value(config, args.print_key))
             return 0
-        summary = launch(config, resume=args.resume, nproc=args.nproc)
-    except expected_errors() as err:
+        summary = launch_training(config, resume=args.resume, nproc=args.nproc)
+    except user_errors() as err:
         _say_once(f"megatron-sft train: error: {err}")
         return 2
     except NonFiniteError as err:
@@ -91,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
     except WorkerError as err:  # unexpected: the first failing rank's traceback, once
         print(f"megatron-sft train: {err}", file=sys.stderr, flush=True)
         return 1
+    from megatron_sft.train.completed_run import ALREADY_COMPLETED, completed_message
+
+    if summary is not None and summary.get(ALREADY_COMPLETED):  # --resume of a finished run: nothing was touched
+        _say_once(completed_message(summary))
+        return 0
     if summary is None:
         print(f"megatron-sft train: received signal {stop_signal.received()} before training started; nothing was "
               "written. Continue with --resume.", flush=True)
@@ -100,51 +84,3 @@ def run(args: argparse.Namespace) -> int:
     if not dist.is_initialized() or dist.get_rank() == 0:  # under torchrun every rank returns the summary
         print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     return 0
-
-
-def resolved_value(config, key: str) -> str:
-    """One config value as text (``all``: the whole config as YAML), for shell scripts."""
-    import yaml
-
-    from megatron_sft.train.config import ConfigError
-
-    value = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, for YAML
-    if key != "all":
-        for part in key.split("."):
-            if not isinstance(value, dict) or part not in value:
-                raise ConfigError(f"--print {key}: no such config key (see `megatron-sft train --help`)")
-            value = value[part]
-    if isinstance(value, (dict, list, tuple)):
-        return yaml.safe_dump(value, sort_keys=False).rstrip()
-    return "null" if value is None else str(value)
-
-
-def launch(config, resume: bool = False, nproc: int | None = None) -> dict | None:
-    """Train in this process (under torchrun/Slurm or single-process) or on ``nproc`` local workers, after the
-    cheap checks (preflight.py). With ``nproc`` this process holds the run lock (run_lock.py) throughout.
-    None: a stop signal arrived before training started."""
-    from megatron_sft import stop_signal
-    from megatron_sft.launch import run_local_workers
-    from megatron_sft.parallel import under_launcher
-    from megatron_sft.train.config import ConfigError
-    from megatron_sft.train.preflight import preflight
-    from megatron_sft.train.run_lock import HELD_ENV, RunLock
-
-    local = nproc is not None and nproc > 1
-    if local and under_launcher():
-        raise ConfigError("--nproc is for local runs; under torchrun/Slurm the launcher starts the processes")
-    preflight(config, nproc if local else None)
-    if stop_signal.received() is not None:
-        return None
-    if not local:
-        return train_worker(config.to_dict(), resume)
-    lock = RunLock(config.output_dir).acquire()
-    os.environ[HELD_ENV] = str(config.output_dir)
-    try:
-        from megatron_sft.train.step import NonFiniteError
-
-        return run_local_workers(train_worker, nproc, config.to_dict(), resume, timeout_s=7 * 24 * 3600,
-                                 expected_errors=expected_errors() + (NonFiniteError,), catch_stop_signals=True)[0]
-    finally:
-        os.environ.pop(HELD_ENV, None)
-        lock.release()

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field as dc_field
 from typing import Any, Iterable, Literal
 
+from megatron_sft.config import DataConfig
 from megatron_sft.data.sources import DataError, Row, field
 
 
@@ -29,20 +30,8 @@ class Example:
         return len(self.input_ids)
 
 
-@dataclass
-class FormatConfig:
-    prompt_key: str = "prompt"
-    response_key: str = "response"
-    messages_key: str = "messages"
-    template: Literal["chat", "plain"] = "chat"
-    plain_template: str = "{prompt}\n"
-    max_length: int = 2048
-    truncation: Literal["truncate", "drop", "error"] = "truncate"  # what to do with rows over max_length
-    add_eos: bool = True
-
-
 class Formatter:
-    def __init__(self, tokenizer: Any, config: FormatConfig):
+    def __init__(self, tokenizer: Any, config: DataConfig):
         if config.template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise DataError(
                 "the tokenizer has no chat template; set data.template=plain (with data.plain_template) "

@@ -44,9 +44,9 @@ class Item:
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    domain: str  # math | medical | figfont | code
+    domain: str  # math | medical | figfont | code | instruction | multilingual
     title: str  # as the paper's tables name it
-    grader: str  # math | choice | figfont | code
+    grader: str  # math | choice | figfont | code | judge (an LLM judge, alpacaeval.py)
     instruction: str  # system turn (chat) or appended to the question (plain)
     max_tokens: int  # default generation budget
     source: str  # file under the data directory (or the generator)
@@ -224,6 +224,23 @@ def _load_evalplus(bench: Benchmark, data_dir: Path, options: dict) -> list[Item
     return items
 
 
+# ---- the extensions: AlpacaEval 2 (judged, alpacaeval.py) and MMLU-ProX per language (multilingual.py) -------
+
+LOW_RESOURCE_LANGUAGES = ("mar", "tel", "nep", "swa", "wol", "yor", "zul")  # MURI-IT's, as the recipe trains
+
+
+def _load_alpacaeval(bench: Benchmark, data_dir: Path, options: dict) -> list[Item]:
+    from megatron_sft.evaluation.alpacaeval import load_alpacaeval
+
+    return load_alpacaeval(bench, data_dir, options)
+
+
+def _load_mmlu_prox(bench: Benchmark, data_dir: Path, options: dict) -> list[Item]:
+    from megatron_sft.evaluation.multilingual import load_mmlu_prox
+
+    return load_mmlu_prox(bench, data_dir, options)
+
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("math500", "math", "MATH500", "math", MATH_INSTRUCTION, 4096, "math/math500.test.jsonl", _load_math),
     Benchmark("minerva", "math", "Minerva", "math", MATH_INSTRUCTION, 4096, "math/minerva_math.test.jsonl", _load_math),
@@ -250,6 +267,10 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("humaneval_plus", "code", "HumanEval+", "code", "", 1024, "evalplus/HumanEvalPlus-v0.1.10.jsonl.gz",
               _load_evalplus),
     Benchmark("mbpp_plus", "code", "MBPP+", "code", "", 1024, "evalplus/MbppPlus-v0.2.0.jsonl.gz", _load_evalplus),
+    Benchmark("alpacaeval", "instruction", "AlpacaEval2 LC", "judge", "", 2048, "alpacaeval/alpaca_eval.json",
+              _load_alpacaeval),
+    *(Benchmark(f"mmlu_prox_{lang}", "multilingual", f"ProX-{lang}", "choice", CHOICE_INSTRUCTION, 2048,
+                f"mmlu_prox/{lang}", _load_mmlu_prox) for lang in LOW_RESOURCE_LANGUAGES),
 )}
 
 DOMAINS: dict[str, list[str]] = {}
@@ -258,7 +279,8 @@ for _bench in BENCHMARKS.values():
 
 ALIASES = {"minerva_math": "minerva", "olympiad": "olympiadbench", "math_500": "math500", "humaneval": "humaneval_plus",
            "humaneval+": "humaneval_plus", "mbpp": "mbpp_plus", "mbpp+": "mbpp_plus", "mmlu_pro_med": "mmlu_pro_medical",
-           "gpqa_med": "gpqa_medical", "medbullets": "medbullets_op5", "figlet_font": "figfont"}
+           "gpqa_med": "gpqa_medical", "medbullets": "medbullets_op5", "figlet_font": "figfont",
+           "alpaca_eval": "alpacaeval", "alpaca_eval_2": "alpacaeval", "mmlu_prox": "multilingual"}
 
 
 def resolve_benchmarks(spec: str | list[str]) -> list[Benchmark]:

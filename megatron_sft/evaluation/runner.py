@@ -19,10 +19,11 @@ from megatron_sft.evaluation import benchmarks as bm
 from megatron_sft.evaluation.backends import Backend, Completion, Sampling, choose_backend, make_backend
 from megatron_sft.evaluation.graders import check_grader_libraries, is_grader_failure
 from megatron_sft.evaluation.metrics import benchmark_metrics, domain_means
+from megatron_sft.evaluation.prompt_fit import PROMPT_TOO_LONG, outcome_fractions, too_long_advice, too_long_fields
 from megatron_sft.evaluation.prompts import encode, render
 from megatron_sft.evaluation.records import append_records, read_records, rewrite_records, write_atomic
 from megatron_sft.evaluation.sandbox import UNSANDBOXED, SandboxUnavailable, choose_sandbox, outcome_counts
-from megatron_sft.evaluation.tables import csv_table, markdown_table
+from megatron_sft.evaluation.tables import csv_table, default_label, markdown_table
 
 
 @dataclass
@@ -30,7 +31,8 @@ class EvalConfig:
     model: str = field(default="", metadata={"help": "HF model directory (e.g. a run's exported hf/)"})
     benchmarks: str = field(default="math", metadata={"help": "benchmarks or domains, comma-separated"})
     out: str = field(default="eval", metadata={"help": "output directory"})
-    label: str = field(default="", metadata={"help": "name of this run in tables (default: the model directory)"})
+    label: str = field(default="", metadata={
+        "help": "name of this run in tables (default: the run directory for a run's hf/ export, else the model directory)"})
     backend: str = field(default="auto", metadata={"help": "auto (vLLM on GPU when installed, else hf) | vllm | hf"})
     template: str = field(default="chat", metadata={"help": "chat (tokenizer chat template) | plain"})
     plain_template: str = field(default="{prompt}\n", metadata={"help": "format string for --template plain"})
@@ -68,6 +70,21 @@ class EvalConfig:
         "help": "isolation of model-written code: auto (the first that works) | bwrap | unshare | os-unshare"})
     allow_unsandboxed_code: bool = field(default=False, metadata={
         "help": "grade code with evalplus's guard only when no sandbox works (recorded in results.json)"})
+    # alpacaeval's judge (evaluation/judge.py): a local model or an OpenAI-compatible endpoint
+    judge_model: str = field(default="", metadata={"help": "alpacaeval judge: a local HF model directory"})
+    judge_url: str = field(default="", metadata={
+        "help": "alpacaeval judge: an OpenAI-compatible endpoint (e.g. https://api.openai.com/v1), with --judge-name"})
+    judge_name: str = field(default="", metadata={"help": "model name sent to --judge-url (e.g. gpt-4-1106-preview)"})
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "environment variable holding --judge-url's API key (read at run time, never saved or printed)"})
+    judge_logprobs: bool = field(default=False, metadata={
+        "help": "--judge-url: weigh each verdict by the judge's probabilities of m and M, as AlpacaEval 2's "
+                "annotator does (the endpoint must return top logprobs)"})
+    judge_backend: str = field(default="auto", metadata={"help": "--judge-model's backend: auto | vllm | hf"})
+    judge_tensor_parallel: int = field(default=0, metadata={
+        "help": "vLLM tensor-parallel GPUs of --judge-model (default 0: --tensor-parallel)"})
+    judge_max_tokens: int = field(default=16, metadata={"help": "judge answer budget (its verdict is m or M)"})
+    judge_workers: int = field(default=8, metadata={"help": "concurrent requests to --judge-url"})
 
     def validate(self) -> None:
         if not self.model:
@@ -98,6 +115,9 @@ class EvalConfig:
         if self.n > 1 and self.temperature == 0:
             print("note: n > 1 with temperature 0 repeats the greedy answer; set --temperature for avg@n / pass@k")
         self.ks()
+        from megatron_sft.evaluation.alpacaeval import check_judge_config
+
+        check_judge_config(self, bm.resolve_benchmarks(self.benchmarks))  # a judged benchmark without a judge: refused
 
     def ks(self) -> Optional[list[int]]:
         if not self.pass_k:
@@ -128,7 +148,8 @@ def generation_settings(config: EvalConfig, bench: bm.Benchmark, tokenizer_name:
     return settings
 
 
-GENERATION_FIELDS = ("text", "tokens", "finished", "note")  # what a sample keeps from generation; the rest is grading
+# what a sample keeps from generation; the rest is grading
+GENERATION_FIELDS = ("text", "tokens", "finished", "note", PROMPT_TOO_LONG, "prompt_tokens")
 
 
 def item_seed(seed: int, item_id: str) -> int:
@@ -144,7 +165,8 @@ class Evaluation:
         self.out = Path(config.out)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         model_config = AutoConfig.from_pretrained(config.model)
-        self.context = config.max_model_len or getattr(model_config, "max_position_embeddings", None) or 10**9
+        self.model_limit = getattr(model_config, "max_position_embeddings", None)
+        self.context = config.max_model_len or self.model_limit or 10**9
         self.backend_name = choose_backend(config.backend)
         self._backend: Optional[Backend] = None
         self.data_dir = Path(config.data_dir) if config.data_dir else None
@@ -194,12 +216,17 @@ class Evaluation:
                 done[record["id"]] = record
             progress.update(len(chunk))
         progress.close()
+        if bench.grader == "judge":  # an LLM judge compares the answers with the references (alpacaeval.py)
+            from megatron_sft.evaluation.alpacaeval import judge_benchmark
+
+            self.close()
+            self._backend = None  # a local judge may need the GPUs
+            return judge_benchmark(c, bench, items, done, bench_dir)
         scores = [[s["score"] for s in done[item.id]["samples"]] for item in items]
         metrics = benchmark_metrics(scores, c.ks())
         samples = [s for item in items for s in done[item.id]["samples"]]
         metrics["accuracy"] = metrics[f"avg@{c.n}"]
-        metrics["no_answer"] = sum(1 for s in samples if s.get("pred") is None) / len(samples)
-        metrics["truncated"] = sum(1 for s in samples if not s["finished"]) / len(samples)
+        metrics.update(outcome_fractions(samples))  # no answer / truncated / prompt longer than the context, apart
         metrics["mean_tokens"] = sum(s["tokens"] for s in samples) / len(samples)
         if bench.grader == "code":
             metrics["base_accuracy"] = sum(s.get("base", 0.0) for s in samples) / len(samples)
@@ -238,7 +265,7 @@ class Evaluation:
             samples = [{"text": comp.text, "tokens": comp.tokens, "finished": comp.finished} for comp in completions[i]]
             if i not in fits:
                 for sample in samples:
-                    sample["note"] = f"prompt of {len(ids[i])} tokens does not fit the context of {self.context}"
+                    sample.update(too_long_fields(len(ids[i]), self.context))
             records.append({"id": item.id, "prompt": text, "reference": item.reference, "meta": item.meta,
                             "samples": samples})
         return records
@@ -247,6 +274,8 @@ class Evaluation:
         from megatron_sft.evaluation.graders import grade
         from megatron_sft.evaluation.workers import grade_in_workers
 
+        if bench.grader == "judge":
+            return  # judged after generation, against the references (judge_benchmark)
         tasks, where = [], []
         grading.prepare(records)
         for r, record in enumerate(records):
@@ -280,7 +309,7 @@ class Evaluation:
         results = json.loads(previous.read_text()) if previous.is_file() else {"benchmarks": {}}
         if sandbox:  # how model-written code ran; "none" means unsandboxed (--allow-unsandboxed-code)
             results["code_sandbox"] = {"mechanism": sandbox, "unsandboxed": sandbox == UNSANDBOXED}
-        results.update({"model": str(Path(c.model).resolve()), "label": c.label or Path(c.model).resolve().name,
+        results.update({"model": str(Path(c.model).resolve()), "label": c.label or default_label(c.model),
                         "backend": self.backend_name, "config": asdict(c)})
         started = time.time()
         try:
@@ -288,9 +317,14 @@ class Evaluation:
                 metrics = self.run_benchmark(bench)
                 results["benchmarks"][bench.name] = {"title": bench.title, "domain": bench.domain, **metrics}
                 self._write(results)
+                too_long = metrics.get(PROMPT_TOO_LONG, 0.0)
                 print(f"{bench.name}: accuracy {100 * metrics['accuracy']:.1f}% over {int(metrics['items'])} items "
                       f"x {int(metrics['samples'])} samples (no answer {100 * metrics['no_answer']:.0f}%, "
-                      f"truncated {100 * metrics['truncated']:.0f}%)", flush=True)
+                      f"truncated {100 * metrics['truncated']:.0f}%"
+                      f"{f', prompt longer than the context {100 * too_long:.0f}%' if too_long else ''})", flush=True)
+                if too_long:
+                    print(too_long_advice(bench.name, metrics, self.context, self.model_limit, c.max_model_len,
+                                          c.template), flush=True)
         finally:
             self.close()
         results["seconds"] = round(time.time() - started, 1)

@@ -35,12 +35,45 @@ def columns(runs: list[dict]) -> list[tuple[str, str, str]]:
     unknown = sorted(present - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"results name unknown benchmarks {unknown}")
+    check_judges(runs)
     for domain in domains:
         names = [b.name for b in BENCHMARKS.values() if b.domain == domain and b.name in present]
         out += [("bench", n, BENCHMARKS[n].title) for n in names]
         if len(names) > 1:
             out.append(("domain", domain, f"{domain} Avg."))
     return out
+
+
+def judged_by(runs: list[dict]) -> dict[str, dict[tuple, list[str]]]:
+    """Judged benchmark (alpacaeval) -> (judge, verdict mode, prompt, reference) -> the runs judged that way."""
+    out: dict[str, dict[tuple, list[str]]] = {}
+    for index, run in enumerate(runs):
+        for name, metrics in run["benchmarks"].items():
+            if "judge" in metrics:
+                key = (metrics["judge"], metrics.get("judge_verdict"), metrics.get("judge_template"),
+                       metrics.get("baseline"))
+                out.setdefault(name, {}).setdefault(key, []).append(str(run.get("label") or f"run {index + 1}"))
+    return out
+
+
+def check_judges(runs: list[dict]) -> None:
+    """Win rates from different judges are different measurements: refused side by side, naming the judges."""
+    for name, judges in judged_by(runs).items():
+        if len(judges) > 1:
+            listing = "; ".join(f"{', '.join(labels)}: {judge} ({verdict}) against {baseline}"
+                                for (judge, verdict, _, baseline), labels in judges.items())
+            raise ValueError(f"{name} was judged by different judges or against different references ({listing}); "
+                             "their win rates are not comparable: judge every run alike (eval --regrade)")
+
+
+def judge_notes(runs: list[dict]) -> str:
+    """A line under the table per judged benchmark: who judged, against which reference."""
+    lines = []
+    for name, judges in judged_by(runs).items():
+        judge, verdict, _, baseline = next(iter(judges))
+        lines.append(f"{name}: AlpacaEval 2 against {baseline}, judged by {judge} ({verdict}); accuracy = the "
+                     "length-controlled win rate, --metric win_rate = the raw one")
+    return "".join(f"\n{line}\n" for line in lines)
 
 
 def cell(run: dict, kind: str, key: str, metric: str) -> Optional[float]:
@@ -58,7 +91,7 @@ def markdown_table(runs: list[dict], labels: list[str], metric: str = "accuracy"
     for label, run in zip(labels, runs):
         values = [cell(run, kind, key, metric) for kind, key, _ in cols]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in values) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + judge_notes(runs)
 
 
 def csv_table(runs: list[dict], labels: list[str], metric: str = "accuracy") -> str:
@@ -94,3 +127,22 @@ def plot_runs(runs: list[dict], labels: list[str], path: Path, metric: str = "ac
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def default_label(model: str | Path) -> str:
+    """A run's row name when --label is not given: the run directory for an export (RUN_DIR/hf, every export's
+    name, so rows would all read "hf"), else the model directory's name."""
+    path = Path(model).resolve()
+    return path.parent.name if path.name == "hf" and path.parent.name else path.name
+
+
+def row_labels(runs: list[dict], paths: list[str]) -> list[str]:
+    """Default row names for compare: each run's label (re-derived for results whose label was the old
+    default, an export's "hf"); names that repeat get their eval directory's name added."""
+    labels = []
+    for run, path in zip(runs, paths):
+        given = (run.get("config") or {}).get("label")
+        labels.append(given or (default_label(run["model"]) if run.get("model") else run.get("label") or Path(path).name))
+    repeated = {label for label in labels if labels.count(label) > 1}
+    folders = [Path(path).resolve().parent if Path(path).suffix == ".json" else Path(path).resolve() for path in paths]
+    return [f"{label} ({folder.name})" if label in repeated else label for label, folder in zip(labels, folders)]

@@ -11,23 +11,32 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+from megatron_sft.model.architectures import (
+    ROPE_TYPES, Architecture, UnsupportedModelError, architecture_of, supported_architectures,
+)
+
+SUPPORTED_ARCHITECTURES = supported_architectures()
+SUPPORTED_ROPE_TYPES = ROPE_TYPES
 VOCAB_PAD_MULTIPLE = 128
+__all__ = ["ModelArgs", "UnsupportedModelError", "SUPPORTED_ARCHITECTURES", "VOCAB_PAD_MULTIPLE"]
 
 
-class UnsupportedModelError(ValueError):
-    """An HF model this converter cannot map exactly."""
-
-
-def _refuse_sliding_window(config: Any) -> None:
-    """Sliding-window attention (Qwen2 ``use_sliding_window``, ``layer_types`` with sliding layers) is not
-    built: megatron attends to the whole causal context, so logits beyond the window would silently differ."""
+def _refuse_sliding_window(config: Any, always_on: bool = False) -> None:
+    """Sliding-window attention (Qwen2 ``use_sliding_window``, ``layer_types`` with sliding layers, Mistral's
+    ``sliding_window``, which HF applies on every layer whenever it is set) is not built: megatron attends to the
+    whole causal context, so logits beyond the window would silently differ."""
     window = getattr(config, "sliding_window", None)
     positions = getattr(config, "max_position_embeddings", None)
     if window is None or (positions is not None and window >= positions):
         return  # a window that covers every position never binds
     sliding = [i for i, t in enumerate(getattr(config, "layer_types", None) or []) if t == "sliding_attention"]
+    if always_on:
+        raise UnsupportedModelError(
+            f"sliding-window attention (sliding_window={window} < {positions} positions, on every layer) is not "
+            "supported: megatron-sft attends to the full causal context, so the converted model would differ from HF "
+            "beyond the window (Mistral-7B-v0.1 has one; v0.2/v0.3 do not); set sliding_window to null in "
+            "config.json only if the model was trained without it"
+        )
     if sliding or getattr(config, "use_sliding_window", False):
         where = f"layers {sliding}" if sliding else "use_sliding_window=true"
         raise UnsupportedModelError(
@@ -35,6 +44,36 @@ def _refuse_sliding_window(config: Any) -> None:
             "megatron-sft attends to the full causal context, so the converted model would differ from HF beyond "
             "the window; set use_sliding_window=false in config.json only if the model was trained without it"
         )
+
+
+def _rope_parameters(config: Any, arch: Architecture) -> tuple[float, dict[str, Any]]:
+    """(theta, HF rope_parameters with rope_type and rope_theta) from either spelling; refuses other kinds."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in arch.rope_types:
+        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; supported: {arch.rope_types}")
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return theta, {**rope, "rope_type": rope_type, "rope_theta": theta}
+
+
+def _head_dim(config: Any, arch: Architecture) -> int:
+    """kv_channels: the config's head_dim; must be hidden/heads unless the architecture decouples them."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if head_dim * heads != config.hidden_size and not arch.decoupled_head_dim:
+        raise UnsupportedModelError(f"head_dim {head_dim} x {heads} heads != hidden_size {config.hidden_size}")
+    return head_dim
+
+
+def _refuse_unmapped(config: Any, arch: Architecture) -> None:
+    """Settings the tensor table or the layer spec do not cover."""
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported (silu only)")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModelError("mlp_bias=True is not supported")
+    if not arch.qkv_bias and getattr(config, "attention_bias", False):
+        raise UnsupportedModelError(f"attention_bias=True is not supported for {arch.hf_class} (it adds o_proj biases)")
+    _refuse_sliding_window(config, arch.sliding_window_always_on)
 
 
 @dataclass
@@ -56,52 +95,30 @@ class ModelArgs:
     padded_vocab_size: int = 0  # fixed at conversion (multiple of 128) so a checkpoint reshards to any TP
     torch_dtype: str = "bfloat16"
     hf_config: dict[str, Any] = field(default_factory=dict)  # the full HF config, written back on export
+    qk_layernorm: bool = False  # Qwen3's q_norm/k_norm (RMSNorm per head); absent from older model_args.json
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "ModelArgs":
-        archs = list(getattr(config, "architectures", None) or [])
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            model_type = getattr(config, "model_type", "?")
-            guess = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(model_type)
-            if guess is None or archs:
-                raise UnsupportedModelError(
-                    f"architecture {archs or model_type!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)} "
-                    "(Qwen2/Qwen2.5/Qwen2.5-Math/Coder, Llama-3.x, DeepSeek-Math which is Llama)"
-                )
-            arch = guess
-        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-        theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        if head_dim * heads != config.hidden_size:
-            raise UnsupportedModelError(f"head_dim {head_dim} x {heads} heads != hidden_size {config.hidden_size}")
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported (silu only)")
-        qkv_bias = arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False))
-        if getattr(config, "mlp_bias", False):
-            raise UnsupportedModelError("mlp_bias=True is not supported")
-        _refuse_sliding_window(config)
+        arch = architecture_of(config)
+        theta, rope = _rope_parameters(config, arch)
+        _refuse_unmapped(config, arch)
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
         return cls(
-            architecture=arch,
+            architecture=arch.hf_class,
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
             ffn_hidden_size=config.intermediate_size,
             num_layers=config.num_hidden_layers,
-            num_attention_heads=heads,
-            num_query_groups=kv_heads,
-            kv_channels=head_dim,
+            num_attention_heads=config.num_attention_heads,
+            num_query_groups=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            kv_channels=_head_dim(config, arch),
             max_position_embeddings=config.max_position_embeddings,
             norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
+            qkv_bias=arch.qkv_bias,
+            qk_layernorm=arch.qk_norm,
             rope_theta=theta,
-            rope_parameters={**rope, "rope_type": rope_type, "rope_theta": theta},
+            rope_parameters=rope,
             padded_vocab_size=-(-config.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE,
             torch_dtype=str(dtype).replace("torch.", ""),
             hf_config=config.to_dict(),

@@ -1,12 +1,12 @@
 """Build a megatron-core GPTModel from :class:`ModelArgs` for any TP/PP layout.
 
-Picks the Transformer Engine layer spec when transformer-engine is importable and CUDA is present, the
-local (pure torch) spec otherwise; on CPU it applies the flags megatron-core needs without CUDA kernels.
+The attention backend (``model.attention_backend``, model/attention_backends.py) picks the layer spec:
+Transformer Engine's, or megatron-core's local (pure torch) spec with its core attention replaced by torch's
+SDPA / flash-attn or kept; on CPU it applies the flags megatron-core needs without CUDA kernels.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 from megatron_sft.cpu_shims import cpu_transformer_config_overrides
 from megatron_sft.model.args import ModelArgs
-
-
-def transformer_engine_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+from megatron_sft.model.attention_backends import (  # noqa: F401  (transformer_engine_available: re-exported)
+    core_attention_module,
+    resolve_attention_backend,
+    transformer_engine_available,
+)
 
 
 def build_transformer_config(
@@ -55,6 +56,7 @@ def build_transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=args.qkv_bias,
+        qk_layernorm=args.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel,
@@ -85,15 +87,20 @@ def build_gpt_model(
     post_process: bool = True,
     vp_stage: Optional[int] = None,
     use_transformer_engine: Optional[bool] = None,
+    attention_backend: str = "auto",
 ):
+    """``attention_backend``: auto | te | flash | torch | local; ``use_transformer_engine`` (older callers)
+    True/False means te/local. The resolved backend is kept as ``model.attention_backend``."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
-    if use_te:
-        spec = get_gpt_layer_with_transformer_engine_spec()
+    if use_transformer_engine is not None:
+        attention_backend = "te" if use_transformer_engine else "local"
+    backend = resolve_attention_backend(attention_backend)
+    if backend == "te":
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
-        spec = _local_block_spec(config, vp_stage)
+        spec = _local_block_spec(config, vp_stage, core_attention_module(backend))
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -110,6 +117,7 @@ def build_gpt_model(
     inv_freq = args.rope_inv_freq()
     if inv_freq is not None:  # llama3 / linear rope scaling: use HF's exact frequencies
         model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq)
+    model.attention_backend = backend  # how the batches' packed rows must reach it (attention_backends.packs_as_thd)
     return model
 
 
@@ -137,13 +145,19 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def _local_block_spec(config, vp_stage: Optional[int]):
-    """The local (pure torch) layer spec for this stage's layers, with norms that work under SP."""
+def _local_block_spec(config, vp_stage: Optional[int], core_attention=None):
+    """The local (pure torch) layer spec for this stage's layers, with norms that work under SP and, when given,
+    another core-attention module in place of ``DotProductAttention``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     layer.submodules.input_layernorm = SequenceParallelTorchNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if config.qk_layernorm:  # Qwen3's per-head q/k RMSNorm; finalize_model_grads sums its grads over TP
+        layer.submodules.self_attention.submodules.q_layernorm = SequenceParallelTorchNorm
+        layer.submodules.self_attention.submodules.k_layernorm = SequenceParallelTorchNorm
+    if core_attention is not None:
+        layer.submodules.self_attention.submodules.core_attention = core_attention
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=SequenceParallelTorchNorm)

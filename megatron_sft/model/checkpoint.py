@@ -90,8 +90,10 @@ def build_model_for_current_layout(
     params_dtype: Optional[torch.dtype] = None,
     perform_initialization: bool = False,
     cpu_initialization: bool = False,
+    attention_backend: str = "auto",
 ):
-    """GPTModel for this rank's place in megatron-core's TP x PP layout (parallel state must be set up)."""
+    """GPTModel for this rank's place in megatron-core's TP x PP layout (parallel state must be set up);
+    ``attention_backend`` as ``model.attention_backend`` (probe and conversion checks: auto)."""
     from megatron.core import parallel_state as ps
 
     config = build_transformer_config(
@@ -104,22 +106,50 @@ def build_model_for_current_layout(
         cpu_initialization=cpu_initialization,
     )
     return build_gpt_model(
-        args, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
+        args, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        attention_backend=attention_backend,
     )
+
+
+def chunks_sharded_state_dict(modules: list) -> dict:
+    """One sharded state dict for all chunks; tensors are keyed globally, so any layout can load it."""
+    if len(modules) == 1:
+        return modules[0].sharded_state_dict()
+    return {f"chunk{i}": module.sharded_state_dict() for i, module in enumerate(modules)}
+
+
+def load_weights(modules: list, model_dir: str | Path) -> None:
+    """Load CKPT/model into this rank's model chunks (any TP/PP/VPP: megatron-core reshards); every tensor
+    the chunks hold must be in the checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(chunks_sharded_state_dict(modules), str(model_dir))
+    per_chunk = [loaded] if len(modules) == 1 else [loaded[f"chunk{i}"] for i in range(len(modules))]
+    for module, state in zip(modules, per_chunk):
+        result = module.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing:
+            raise RuntimeError(f"{model_dir}: checkpoint has no values for {missing[:5]} ({len(missing)} tensors)")
 
 
 def load_model(ckpt_dir: str | Path, **build_kwargs):
     """Build the model for the current TP/PP layout and load the checkpoint's weights (resharding as needed)."""
-    from megatron.core import dist_checkpointing
-
     args = read_model_args(ckpt_dir)
     model = build_model_for_current_layout(args, **build_kwargs)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / MODEL_DIR))
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing:
-        raise RuntimeError(f"{ckpt_dir}: checkpoint has no values for {missing[:5]} ({len(missing)} tensors)")
+    load_weights([model], Path(ckpt_dir) / MODEL_DIR)
     return model, args
+
+
+def load_tokenizer(ckpt_dir: str | Path):
+    """The HF tokenizer saved beside the weights (CKPT/tokenizer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(ckpt_dir) / TOKENIZER_DIR))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that fills rows: the tokenizer's pad token, else its eos (never trained on either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def save_model(model, args: ModelArgs, ckpt_dir: str | Path, tokenizer_src: Optional[str | Path] = None) -> Path:

@@ -34,9 +34,16 @@ class DatasetRecipe:
     global_batch_size: int = 256
     epochs: int = 1
     eval_benchmarks: tuple[str, ...] = ()
-    capability: str = ""  # where the paper places it on the capability continuum
-    objective: str = "nll"  # what the paper recommends there: -p where the model is strong, NLL elsewhere
+    capability: str = ""  # where the paper places it on the capability continuum (a region of capability.py)
     extra: dict[str, object] = field(default_factory=dict)  # further section.key values
+
+    @property
+    def objective(self) -> str:
+        """The capability rule's objective for the paper's region (the probe gives the same advice for a
+        measured mean p); NLL, the paper's baseline, where the paper places the dataset nowhere."""
+        from megatron_sft.capability import region_objective
+
+        return region_objective(self.capability) if self.capability else "nll"
 
     def settings(self, model_key: str) -> ModelSettings:
         """The reference's settings for this model (any spelling of its key), or the dataset's defaults for a
@@ -50,15 +57,14 @@ class DatasetRecipe:
 RECIPES: dict[str, DatasetRecipe] = {recipe.name: recipe for recipe in (
     DatasetRecipe(
         "math", "NuminaMath-CoT (chain-of-thought math solutions)", max_length=3072, micro_batch_size=4,
-        models={"qwen-2.5-math-1.5b": ModelSettings(), "qwen-2.5-math-7b": ModelSettings(),
+        models={"qwen2.5-math-1.5b": ModelSettings(), "qwen2.5-math-7b": ModelSettings(),
                 "llama-3.1-8b": ModelSettings(lr=2e-5), "deepseek-math-7b": ModelSettings()},
         eval_benchmarks=("math500", "minerva", "olympiadbench", "aime24", "amc23"), capability="model-strong",
-        objective="neg_p",
     ),
     DatasetRecipe(
         "medical", "m23k (medical reasoning, final answers without the thinking trace)", max_length=800,
         micro_batch_size=16,
-        models={"qwen-2.5-1.5b": ModelSettings(), "qwen-2.5-math-7b": ModelSettings(),
+        models={"qwen2.5-1.5b": ModelSettings(), "qwen2.5-math-7b": ModelSettings(),
                 "llama-3.2-3b": ModelSettings(), "llama-3.1-8b": ModelSettings(lr=2e-5)},
         eval_benchmarks=("medqa", "medmcqa", "mmlu_pro_medical", "gpqa_medical", "medbullets_op4",
                          "medbullets_op5", "pubmedqa"),
@@ -67,7 +73,7 @@ RECIPES: dict[str, DatasetRecipe] = {recipe.name: recipe for recipe in (
     DatasetRecipe(
         "figfont", "reasoning-gym figlet_font (read a word drawn in ASCII-art letters)", max_length=800,
         micro_batch_size=16, weight_decay=1e-5,
-        models={"qwen-2.5-7b": ModelSettings(), "qwen-2.5-1.5b": ModelSettings(),
+        models={"qwen2.5-7b": ModelSettings(), "qwen2.5-1.5b": ModelSettings(),
                 "llama-3.1-8b": ModelSettings(lr=2e-5), "llama-3.2-3b": ModelSettings()},
         eval_benchmarks=("figfont",), capability="model-weak",
     ),
@@ -85,7 +91,8 @@ RECIPES: dict[str, DatasetRecipe] = {recipe.name: recipe for recipe in (
     DatasetRecipe(
         "low_resource_language", "MURI-IT (mar, tel, nep, swa, wol, yor, zul instruction pairs)", max_length=1024,
         micro_batch_size=16, weight_decay=1e-4,
-        models={"qwen-2.5-7b": ModelSettings(), "llama-3.1-8b": ModelSettings()},
+        models={"qwen2.5-7b": ModelSettings(), "llama-3.1-8b": ModelSettings()},
+        eval_benchmarks=tuple(f"mmlu_prox_{lang}" for lang in ("mar", "tel", "nep", "swa", "wol", "yor", "zul")),
     ),
 )}
 

@@ -25,9 +25,11 @@ from megatron_sft.recipes.datasets import get_recipe
 from megatron_sft.recipes.models import ModelSpec, get_model
 from megatron_sft.recipes.parallel_plan import ParallelPlan, PlanError, fit_micro_batch, plan_parallel
 from megatron_sft.recipes.sweeps import SweepRun
-from megatron_sft.recipes.training_config import config_yaml, recipe_config, recipe_micro_batch, run_name
+from megatron_sft.recipes.training_config import (
+    RECIPE_COMMENTS, config_yaml, recipe_config, recipe_micro_batch, run_name,
+)
 
-SBATCH_TEMPLATES = ("convert.sbatch", "train.sbatch", "export.sbatch", "eval.sbatch")
+SBATCH_TEMPLATES = ("convert.sbatch", "train.sbatch", "export.sbatch", "eval.sbatch", "compare.sbatch")
 
 
 class JobError(ValueError):
@@ -49,7 +51,8 @@ class SlurmOptions:
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0
     time: str = "24:00:00"
-    partition: Optional[str] = None
+    partition: Optional[str] = None  # the GPU jobs' (train, eval)
+    cpu_partition: Optional[str] = None  # the CPU-only jobs' (convert, export); None: the cluster's default
     account: Optional[str] = None
     qos: Optional[str] = None
     max_concurrent: Optional[int] = None  # array tasks running at once
@@ -101,7 +104,7 @@ class Job:
 
 def plan_job(name: str, dataset: str, runs: Sequence[SweepRun], options: SlurmOptions, command: str) -> Job:
     """Parallel layout and training config for every run; fails on anything that would fail on the cluster."""
-    from megatron_sft.train.config import ConfigError, config_from_dict
+    from megatron_sft.config import ConfigError, config_from_dict
 
     get_recipe(dataset)
     if options.hf_dir and len({get_model(run.model_key).key for run in runs}) > 1:
@@ -110,16 +113,17 @@ def plan_job(name: str, dataset: str, runs: Sequence[SweepRun], options: SlurmOp
     for run in runs:
         model = get_model(run.model_key)
         global_batch, micro = recipe_micro_batch(dataset, model.key)
-        plan = _plan(model, options, global_batch, micro)
+        plan = _plan(model, options, global_batch, micro, get_recipe(dataset).max_length)
         config = recipe_config(dataset, model.key, run.objective, plan, data_root=options.data_root,
                                checkpoint_root=options.checkpoint_root, runs_root=options.runs_root, export_hf=False)
-        name = run_name(dataset, model.key, run.objective)
+        config["model"]["recompute"] = plan.recompute  # chosen with the layout by the memory model
+        run_label = run_name(dataset, model.key, run.objective)  # not `name`: that is the job's
         try:
             config = _with_overrides(config, options.overrides)
             config_from_dict(config)  # the trainer's own checks
         except ConfigError as err:
-            raise JobError(f"run {name}: {err}") from None
-        planned.append(PlannedRun(name, model, run.objective, plan, config))
+            raise JobError(f"run {run_label}: {err}") from None
+        planned.append(PlannedRun(run_label, model, run.objective, plan, config))
     names = [run.name for run in planned]
     if len(set(names)) != len(names):
         raise JobError(f"two runs of this job have the same name: {sorted(n for n in names if names.count(n) > 1)}")
@@ -142,9 +146,9 @@ def eval_stage(dataset: str, wanted: Optional[str]) -> tuple[list[str], list[str
     return [n for n in names if n in BENCHMARKS], [n for n in names if n not in BENCHMARKS]
 
 
-def _plan(model: ModelSpec, options: SlurmOptions, global_batch: int, micro: int) -> ParallelPlan:
+def _plan(model: ModelSpec, options: SlurmOptions, global_batch: int, micro: int, seq: int) -> ParallelPlan:
     if options.tensor is None and options.pipeline is None:
-        return plan_parallel(model, options.nodes, options.gpus_per_node, options.gpu_memory_gib, global_batch, micro)
+        return plan_parallel(model, options.nodes, options.gpus_per_node, options.gpu_memory_gib, global_batch, micro, seq)
     tp, pp = options.tensor or 1, options.pipeline or 1
     world = options.nodes * options.gpus_per_node
     if world % (tp * pp):
@@ -159,7 +163,7 @@ def _plan(model: ModelSpec, options: SlurmOptions, global_batch: int, micro: int
 
 def _with_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``section.key=value`` pairs (as on the train command line) applied to a config dict."""
-    from megatron_sft.train.config import parse_overrides
+    from megatron_sft.config import parse_overrides
 
     for section, values in parse_overrides(list(overrides)).items():
         if isinstance(values, dict):
@@ -185,15 +189,16 @@ def write_job(job: Job, job_dir: Path, overwrite: bool = False) -> list[Path]:
     (job_dir / "configs").mkdir(parents=True, exist_ok=True)
     (job_dir / "logs").mkdir(exist_ok=True)
     written = []
-    run_lines = []
     for run in job.runs:
         path = job_dir / "configs" / f"{run.name}.yaml"
-        path.write_text(config_yaml(run.config, header=_config_header(job, run)))
+        path.write_text(run_config_text(job, run))
         written.append(path)
-        run_lines.append(str(path))
-    for name, content in (("runs.txt", run_lines), ("models.txt", [_model_line(m, job.options) for m in job.models])):
-        (job_dir / name).write_text("\n".join(content) + "\n")
+    for name, content in list_files(job, job_dir).items():
+        (job_dir / name).write_text(content)
         written.append(job_dir / name)
+    if any(run.plan.memory_table for run in job.runs):  # the memory model's breakdown per model (megatron-sft plan)
+        (job_dir / "memory_plan.txt").write_text(memory_plan_text(job))
+        written.append(job_dir / "memory_plan.txt")
     for name in SBATCH_TEMPLATES:
         shutil.copy2(templates / name, job_dir / name)
         written.append(job_dir / name)
@@ -202,6 +207,27 @@ def write_job(job: Job, job_dir: Path, overwrite: bool = False) -> list[Path]:
     submit.chmod(0o755)
     written.append(submit)
     return written
+
+
+def memory_plan_text(job: Job) -> str:
+    """Each model's per-GPU memory terms for the chosen layout and the alternatives it rejected."""
+    parts = {}
+    for run in job.runs:
+        if run.plan.memory_table:
+            parts.setdefault(run.model.key, f"# {run.model.key}: {run.plan.reason}\n{run.plan.memory_table}\n")
+    return "\n".join(parts.values())
+
+
+def list_files(job: Job, job_dir: Path) -> dict[str, str]:
+    """runs.txt (array task i trains line i+1) and models.txt (convert task i converts line i+1), as written."""
+    runs = [str(job_dir.resolve() / "configs" / f"{run.name}.yaml") for run in job.runs]
+    models = [_model_line(m, job.options) for m in job.models]
+    return {"runs.txt": "\n".join(runs) + "\n", "models.txt": "\n".join(models) + "\n"}
+
+
+def run_config_text(job: Job, run: PlannedRun) -> str:
+    """configs/RUN.yaml: the training config with its header and the recipes' comments (why packing is off)."""
+    return config_yaml(run.config, header=_config_header(job, run), comments=RECIPE_COMMENTS)
 
 
 def _model_line(model: ModelSpec, options: SlurmOptions) -> str:
@@ -215,13 +241,12 @@ def _config_header(job: Job, run: PlannedRun) -> str:
             f"generated by: {job.command}")
 
 
-def submit_script(job: Job) -> str:
-    """bash that submits convert -> train -> export -> eval with sbatch dependencies and prints the job ids."""
+def _script_preamble(job: Job) -> list[str]:
+    """submit.sh up to the sbatch calls: comments, environment, the options every job shares, ``submit()``."""
     o = job.options
     q = shlex.quote
     common = [f"--chdir={o.workdir.resolve()}"]
-    common += [f"--{flag}={value}" for flag, value in (("partition", o.partition), ("account", o.account),
-                                                      ("qos", o.qos)) if value]
+    common += [f"--{flag}={value}" for flag, value in (("account", o.account), ("qos", o.qos)) if value]
     layouts = sorted({f"TP{r.plan.tensor} PP{r.plan.pipeline} DP{r.plan.data}" for r in job.runs})
     lines = [
         "#!/usr/bin/env bash",
@@ -239,11 +264,42 @@ def submit_script(job: Job) -> str:
         lines.append(f"export MEGATRON_SFT_CONTAINER_IMAGE={q(o.container_image)}")
     if o.container_mounts:
         lines.append(f"export MEGATRON_SFT_CONTAINER_MOUNTS={q(o.container_mounts)}")
-    lines += [
+    return lines + [
         f"common=({' '.join(q(c) for c in common)})",
         "submit() { sbatch --parsable \"$@\" | cut -d ';' -f 1; }",
         "",
     ]
+
+
+def is_judged(name: str) -> bool:
+    """Benchmarks graded by an LLM judge, which the eval job needs named in MEGATRON_SFT_EVAL_ARGS."""
+    from megatron_sft.evaluation.benchmarks import BENCHMARKS
+
+    return name in BENCHMARKS and BENCHMARKS[name].grader == "judge"
+
+
+def _judge_check_lines() -> list[str]:
+    """bash: stop before submitting when the eval job would have no judge for a judged benchmark."""
+    return [
+        'case " ${MEGATRON_SFT_EVAL_ARGS:-} " in',
+        '  *--judge-model*|*--judge-url*|*--config*) ;;',
+        "  *) echo \"alpacaeval needs a judge: export MEGATRON_SFT_EVAL_ARGS='--judge-model DIR' (or '--judge-url URL "
+        "--judge-name MODEL') and run this again\" >&2; exit 2 ;;",
+        'esac',
+    ]
+
+
+def submit_script(job: Job) -> str:
+    """bash that submits convert -> train -> export -> eval with sbatch dependencies and prints the job ids.
+    ``--partition`` goes to the GPU jobs (train, eval) only; convert and export use no GPU and go to
+    ``cpu_partition`` (the cluster's default partition when unset)."""
+    o = job.options
+    q = shlex.quote
+    lines = _script_preamble(job)
+    gpu = f" --partition={q(o.partition)}" if o.partition else ""
+    cpu = f" --partition={q(o.cpu_partition)}" if o.cpu_partition else ""
+    if any(is_judged(name) for name in job.eval_benchmarks):  # refused before anything is submitted
+        lines += _judge_check_lines()
     n_models, n_runs = len(job.models), len(job.runs)
     concurrency = f"%{o.max_concurrent}" if o.max_concurrent else ""
     convert_array = f' --array=0-{n_models - 1}' if n_models > 1 else ""
@@ -252,12 +308,12 @@ def submit_script(job: Job) -> str:
     convert_log = '--output="$job_dir/logs/%x-' + ('%A_%a' if n_models > 1 else '%j') + '.out"'
     name = q(job.name)
     lines += [
-        f'convert=$(submit "${{common[@]}}" --job-name={name}-convert{convert_array} {convert_log} \\',
+        f'convert=$(submit "${{common[@]}}"{cpu} --job-name={name}-convert{convert_array} {convert_log} \\',
         '  "$job_dir/convert.sbatch" "@$job_dir/models.txt")',
-        f'train=$(submit "${{common[@]}}" --job-name={name}-train --dependency="afterok:$convert"{run_array} \\',
+        f'train=$(submit "${{common[@]}}"{gpu} --job-name={name}-train --dependency="afterok:$convert"{run_array} \\',
         f'  --nodes={o.nodes} --gpus-per-node={o.gpus_per_node} --time={q(o.time)} {log} \\',
         '  "$job_dir/train.sbatch" "@$job_dir/runs.txt")',
-        f'export=$(submit "${{common[@]}}" --job-name={name}-export '
+        f'export=$(submit "${{common[@]}}"{cpu} --job-name={name}-export '
         f'--dependency="{"aftercorr" if job.is_array else "afterok"}:$train"{run_array} {log} \\',
         '  "$job_dir/export.sbatch" "@$job_dir/runs.txt")',
     ]
@@ -270,13 +326,15 @@ def submit_script(job: Job) -> str:
         ]
         return "\n".join(lines) + "\n"
     lines += [
-        f'evaluate=$(submit "${{common[@]}}" --job-name={name}-eval '
+        f'evaluate=$(submit "${{common[@]}}"{gpu} --job-name={name}-eval '
         f'--dependency="{"aftercorr" if job.is_array else "afterok"}:$export"{run_array} \\',
         f'  --gpus-per-node={o.gpus_per_node} {log} \\',
         f'  "$job_dir/eval.sbatch" {q(",".join(job.eval_benchmarks))} "@$job_dir/runs.txt")',
-        'echo "$convert $train $export $evaluate" > "$job_dir/job_ids"',
-        f'echo "submitted {job.name}: convert $convert -> train $train -> export $export -> eval $evaluate; '
-        'logs in $job_dir/logs"',
+        f'compare=$(submit "${{common[@]}}"{cpu} --job-name={name}-compare --dependency="afterany:$evaluate" \\',
+        '  --output="$job_dir/logs/%x-%j.out" "$job_dir/compare.sbatch" "$job_dir/compare" "@$job_dir/runs.txt")',
+        'echo "$convert $train $export $evaluate $compare" > "$job_dir/job_ids"',
+        f'echo "submitted {job.name}: convert $convert -> train $train -> export $export -> eval $evaluate -> '
+        'compare $compare (table in $job_dir/compare); logs in $job_dir/logs"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -302,10 +360,13 @@ def job_summary(job: Job, job_dir: Optional[Path]) -> str:
         lines.append(f"  note: {train_file} does not exist yet: run `megatron-sft prepare {job.dataset} "
                      f"--out {o.data_root}/{job.dataset}` first")
     if job.eval_benchmarks:
-        lines.append(f"  eval: {', '.join(job.eval_benchmarks)} -> {o.runs_root}/RUN/eval; side by side: "
-                     f"megatron-sft compare {o.runs_root}/*/eval")
+        lines.append(f"  eval: {', '.join(job.eval_benchmarks)} -> {o.runs_root}/RUN/eval; side by side, written by "
+                     f"the last job: {job_dir or 'JOB_DIR'}/compare/compare.md")
     if job.eval_skipped:
         lines.append(f"  note: {', '.join(job.eval_skipped)} is not evaluated (it needs an LLM judge)")
+    if any(is_judged(name) for name in job.eval_benchmarks):
+        lines.append("  note: alpacaeval is judged by an LLM: submit with MEGATRON_SFT_EVAL_ARGS='--judge-model DIR' "
+                     "(or '--judge-url URL --judge-name MODEL', key in $OPENAI_API_KEY); submit.sh refuses without one")
     if job_dir is not None:
         lines.append(f"wrote {job_dir}; submit with: bash {job_dir}/submit.sh")
     return "\n".join(lines)

@@ -1,4 +1,7 @@
-"""Base models of the paper, keyed as in the reference implementation (``qwen-2.5-math-1.5b`` ...).
+"""Base models of the paper and the ones users fine-tune (Qwen3, Mistral, Llama 3.2). The canonical key is the HF repo's name in lower case (``qwen2.5-math-1.5b`` for
+``Qwen/Qwen2.5-Math-1.5B``; ``deepseek-math-7b`` without the repo's ``-base``; ``mistral-7b-v0.3``, alias ``mistral-7b``, for
+Mistral-7B-v0.3); the reference implementation's
+spellings (``qwen-2.5-math-1.5b`` ...) are aliases, accepted wherever a key is read.
 
 The architecture numbers are the models' HF ``config.json`` values. They size the parallel layout
 (:mod:`megatron_sft.recipes.parallel_plan`) without downloading anything.
@@ -8,9 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_sft.model.architectures import architecture, parameter_count
+from megatron_sft.model.args import ModelArgs
+
 LLAMA3_PLAIN_TEMPLATE = (
     "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 )
+
+# Mistral-7B-v0.3 is a base model: train on Mistral's [INST] instruction format as a plain template
+MISTRAL_PLAIN_TEMPLATE = "[INST] {prompt} [/INST]"
 
 
 class UnknownModelError(KeyError):
@@ -22,7 +31,7 @@ class UnknownModelError(KeyError):
 class ModelSpec:
     keys: tuple[str, ...]  # first: the canonical key; the rest are accepted aliases
     hf_id: str
-    family: str  # qwen2 | llama
+    family: str  # the architecture table's model_type: qwen2 | llama | qwen3 | mistral
     layers: int
     hidden: int
     ffn_hidden: int
@@ -33,28 +42,38 @@ class ModelSpec:
     # base-model tokenizers of Llama 3 ship no chat template: train on its chat format as a plain template
     template: str = "chat"
     plain_template: str = "{prompt}\n"
+    head_dim: int = 0  # 0: hidden / heads; Qwen3 sets its own (kv_channels)
 
     @property
     def key(self) -> str:
         return self.keys[0]
 
+    def model_args(self) -> ModelArgs:
+        """The shape as ModelArgs (what a conversion of the HF config would give, rope and dtype aside)."""
+        arch = architecture(self.family)
+        return ModelArgs(
+            architecture=arch.hf_class, vocab_size=self.vocab, hidden_size=self.hidden, ffn_hidden_size=self.ffn_hidden,
+            num_layers=self.layers, num_attention_heads=self.heads, num_query_groups=self.kv_heads,
+            kv_channels=self.head_dim or self.hidden // self.heads, max_position_embeddings=0, norm_eps=0.0,
+            tie_word_embeddings=self.tied_embeddings, qkv_bias=arch.qkv_bias, rope_theta=0.0,
+            qk_layernorm=arch.qk_norm,
+        )
+
     @property
     def parameters(self) -> int:
-        """Parameter count from the architecture (attention with GQA, SwiGLU MLP, RMSNorms)."""
-        head_dim = self.hidden // self.heads
-        kv = self.kv_heads * head_dim
-        attention = self.hidden * self.hidden * 2 + self.hidden * kv * 2
-        if self.family == "qwen2":  # q/k/v biases
-            attention += self.hidden + 2 * kv
-        mlp = 3 * self.hidden * self.ffn_hidden
-        per_layer = attention + mlp + 2 * self.hidden
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.layers * per_layer + embeddings + self.hidden
+        """Parameter count from the architecture table's tensors (the ones the converter reads)."""
+        return parameter_count(self.model_args())
 
 
 def _qwen(keys: tuple[str, ...], hf_id: str, layers: int, hidden: int, ffn: int, heads: int, kv: int, vocab: int,
           tied: bool) -> ModelSpec:
     return ModelSpec(keys, hf_id, "qwen2", layers, hidden, ffn, heads, kv, vocab, tied)
+
+
+def _qwen3(keys: tuple[str, ...], hf_id: str, layers: int, hidden: int, ffn: int, heads: int, kv: int, vocab: int,
+           tied: bool) -> ModelSpec:
+    """Qwen3 dense: head_dim 128 whatever the hidden size (Qwen3-0.6B: 16 heads x 128 > hidden 1024)."""
+    return ModelSpec(keys, hf_id, "qwen3", layers, hidden, ffn, heads, kv, vocab, tied, head_dim=128)
 
 
 def _llama(keys: tuple[str, ...], hf_id: str, layers: int, hidden: int, ffn: int, heads: int, kv: int, vocab: int,
@@ -66,17 +85,22 @@ def _llama(keys: tuple[str, ...], hf_id: str, layers: int, hidden: int, ffn: int
 
 
 MODELS: tuple[ModelSpec, ...] = (
-    _qwen(("qwen-2.5-math-1.5b",), "Qwen/Qwen2.5-Math-1.5B", 28, 1536, 8960, 12, 2, 151936, True),
-    _qwen(("qwen-2.5-math-7b",), "Qwen/Qwen2.5-Math-7B", 28, 3584, 18944, 28, 4, 152064, False),
-    _qwen(("qwen-2.5-1.5b",), "Qwen/Qwen2.5-1.5B", 28, 1536, 8960, 12, 2, 151936, True),
+    _qwen(("qwen2.5-math-1.5b", "qwen-2.5-math-1.5b"), "Qwen/Qwen2.5-Math-1.5B", 28, 1536, 8960, 12, 2, 151936, True),
+    _qwen(("qwen2.5-math-7b", "qwen-2.5-math-7b"), "Qwen/Qwen2.5-Math-7B", 28, 3584, 18944, 28, 4, 152064, False),
+    _qwen(("qwen2.5-1.5b", "qwen-2.5-1.5b"), "Qwen/Qwen2.5-1.5B", 28, 1536, 8960, 12, 2, 151936, True),
     _qwen(("qwen2.5-3b", "qwen-2.5-3b"), "Qwen/Qwen2.5-3B", 36, 2048, 11008, 16, 2, 151936, True),
-    _qwen(("qwen-2.5-7b", "qwen2.5-7b"), "Qwen/Qwen2.5-7B", 28, 3584, 18944, 28, 4, 152064, False),
+    _qwen(("qwen2.5-7b", "qwen-2.5-7b"), "Qwen/Qwen2.5-7B", 28, 3584, 18944, 28, 4, 152064, False),
     _qwen(("qwen2.5-14b", "qwen-2.5-14b"), "Qwen/Qwen2.5-14B", 48, 5120, 13824, 40, 8, 152064, False),
     _qwen(("qwen2.5-coder-7b", "qwen-2.5-coder-7b"), "Qwen/Qwen2.5-Coder-7B", 28, 3584, 18944, 28, 4, 152064, False),
     _llama(("llama-3.1-8b",), "meta-llama/Llama-3.1-8B", 32, 4096, 14336, 32, 8, 128256, False),
     _llama(("llama-3.2-3b",), "meta-llama/Llama-3.2-3B", 28, 3072, 8192, 24, 8, 128256, True),
-    _llama(("deepseek-math-7b",), "deepseek-ai/deepseek-math-7b-base", 30, 4096, 11008, 32, 32, 102400, False,
-           llama3_format=False),
+    _llama(("llama-3.2-1b",), "meta-llama/Llama-3.2-1B", 16, 2048, 8192, 32, 8, 128256, True),
+    _llama(("deepseek-math-7b", "deepseek-math-7b-base"), "deepseek-ai/deepseek-math-7b-base", 30, 4096, 11008, 32, 32,
+           102400, False, llama3_format=False),
+    _qwen3(("qwen3-0.6b",), "Qwen/Qwen3-0.6B", 28, 1024, 3072, 16, 8, 151936, True),
+    _qwen3(("qwen3-8b",), "Qwen/Qwen3-8B", 36, 4096, 12288, 32, 8, 151936, False),
+    ModelSpec(("mistral-7b-v0.3", "mistral-7b"), "mistralai/Mistral-7B-v0.3", "mistral", 32, 4096, 14336, 32, 8, 32768,
+              False, template="plain", plain_template=MISTRAL_PLAIN_TEMPLATE),
 )
 
 
@@ -85,8 +109,9 @@ def _normalise(key: str) -> str:
 
 
 def get_model(key: str) -> ModelSpec:
-    """The model for a reference key; spellings such as ``qwen2.5-math-1.5b`` for ``qwen-2.5-math-1.5b`` work."""
-    wanted = _normalise(key)
+    """The model for a key: the canonical one or an alias (``qwen-2.5-math-1.5b``, ``Qwen2.5-Math-1.5B`` ...);
+    dashes, underscores and case do not matter, and an HF repo id (``Qwen/Qwen2.5-7B``) names its model too."""
+    wanted = _normalise(key.split("/")[-1])
     for spec in MODELS:
         if any(_normalise(k) == wanted for k in spec.keys):
             return spec

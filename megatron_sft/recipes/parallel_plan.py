@@ -31,6 +31,8 @@ class ParallelPlan:
     micro_batch_size: int
     state_gib_per_gpu: float
     reason: str
+    recompute: str = "none"  # model.recompute chosen with the layout (memory-model plans)
+    memory_table: str = ""  # the memory model's per-GPU terms and rejected alternatives (memory-model plans)
 
     @property
     def sequence_parallel(self) -> bool:
@@ -43,8 +45,11 @@ def state_bytes_per_gpu(parameters: int, tensor: int, pipeline: int, data: int) 
 
 
 def plan_parallel(model: ModelSpec, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
-                  global_batch_size: int, micro_batch_size: int) -> ParallelPlan:
-    """The smallest model-parallel layout whose weights, gradients and optimizer state fit (see module doc)."""
+                  global_batch_size: int, micro_batch_size: int, seq: int | None = None) -> ParallelPlan:
+    """The smallest model-parallel layout whose weights, gradients and optimizer state fit (see module doc);
+    with ``seq`` (tokens per row) TP, PP, recompute and micro-batch from the full memory model instead."""
+    if seq is not None:
+        return plan_with_memory_model(model, nodes, gpus_per_node, gpu_memory_gib, global_batch_size, micro_batch_size, seq)
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"need at least one node and one GPU (got {nodes} nodes x {gpus_per_node} GPUs)")
     world = nodes * gpus_per_node
@@ -66,6 +71,25 @@ def plan_parallel(model: ModelSpec, nodes: int, gpus_per_node: int, gpu_memory_g
     raise PlanError(f"{model.key} ({model.parameters / 1e9:.1f}B parameters) does not fit {nodes} node(s) x {gpus_per_node} "
                     f"GPUs of {gpu_memory_gib:g} GiB: at least {smallest / 2**30:.0f} GiB of state per GPU against a budget "
                     f"of {budget / 2**30:.0f} GiB; add nodes (--nodes) or set --tp/--pp yourself")
+
+
+def plan_with_memory_model(model: ModelSpec, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
+                           global_batch_size: int, micro_batch_size: int, seq: int) -> ParallelPlan:
+    """megatron_sft.memory.plan's choice (activations, logits, recompute included) as a ParallelPlan."""
+    from megatron_sft.memory.model import GIB, ModelShape
+    from megatron_sft.memory.plan import MemoryPlanError, format_plan, plan_memory
+
+    try:
+        plan = plan_memory(ModelShape.from_spec(model), nodes, gpus_per_node, gpu_memory_gib, seq, global_batch_size,
+                           micro_batch_size)
+    except MemoryPlanError as err:
+        raise PlanError(f"{model.key}: {err}") from None
+    lay = plan.layout
+    static = sum(t.bytes for t in plan.chosen.terms if t.phase == "static") / GIB
+    reason = (f"{model.parameters / 1e9:.2f}B parameters at {seq} tokens per row: predicted peak {plan.chosen.peak / GIB:.1f} "
+              f"GiB per GPU at TP{lay.tensor} PP{lay.pipeline} DP{lay.data}, micro-batch {lay.micro_batch}, recompute "
+              f"{lay.recompute} (budget {plan.budget_bytes / GIB:.0f} GiB of {gpu_memory_gib:g})")
+    return ParallelPlan(lay.tensor, lay.pipeline, lay.data, lay.micro_batch, static, reason, lay.recompute, format_plan(plan))
 
 
 def fit_micro_batch(global_batch_size: int, micro_batch_size: int, data_parallel: int) -> int:

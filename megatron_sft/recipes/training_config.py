@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -11,9 +11,17 @@ from megatron_sft.recipes.datasets import get_recipe
 from megatron_sft.recipes.models import get_model
 from megatron_sft.recipes.parallel_plan import ParallelPlan
 
+# comments written next to a key in every recipe config (examples/, sbatch jobs): why a value differs from the
+# trainer's default. Packing is on by default, but the recipes reproduce the reference's steps.
+RECIPE_COMMENTS = {
+    "data.packing": "off as in the reference: packed, each row holds several sequences, so the batch and lr would "
+    "not be the paper's; true is faster if you re-tune train.global_batch_size",
+}
+
 
 def run_name(dataset: str, model_key: str, objective: str) -> str:
-    """``math_qwen-2.5-math-1.5b_neg_p``; ``family:0.5`` becomes ``family-0.5`` (a safe directory name)."""
+    """``math_qwen2.5-math-1.5b_neg_p`` (the canonical model key, whatever alias was given); ``family:0.5``
+    becomes ``family-0.5`` (a safe directory name)."""
     return f"{dataset}_{get_model(model_key).key}_{canonical_spec(objective).replace(':', '-')}"
 
 
@@ -64,7 +72,16 @@ _Dumper.add_representer(
     str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None))
 
 
-def config_yaml(config: dict[str, Any], header: str = "") -> str:
-    """YAML text with an optional ``#`` comment header."""
+def config_yaml(config: dict[str, Any], header: str = "", comments: Optional[dict[str, str]] = None) -> str:
+    """YAML text with an optional ``#`` comment header and ``# comment`` after the ``section.key`` lines named in
+    ``comments`` (e.g. :data:`RECIPE_COMMENTS`), so the reason for a value sits next to it."""
     comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) if header else ""
-    return comment + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=1000)
+    lines, section = [], ""
+    for line in yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=1000).splitlines():
+        if line and not line.startswith(" "):
+            section = line.split(":", 1)[0]
+        elif line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            note = (comments or {}).get(f"{section}.{line.strip().split(':', 1)[0]}")
+            line = f"{line}  # {note}" if note else line
+        lines.append(line)
+    return comment + "\n".join(lines) + "\n"

@@ -41,11 +41,15 @@ def assert_same_tensors(original: dict[str, torch.Tensor], exported: dict[str, t
 
 
 def logits_worker(ckpt_dir: str, tensor_parallel: int, pipeline_parallel: int, input_ids: torch.Tensor,
-                  save_to: Optional[str] = None) -> Optional[torch.Tensor]:
+                  save_to: Optional[str] = None, strict_fp32: bool = False) -> Optional[torch.Tensor]:
     """Load ``ckpt_dir`` at TP x PP, return full logits from the last stage's first TP rank (None elsewhere).
 
-    With ``save_to``, also save the model from this layout (a checkpoint written at TP x PP).
+    With ``save_to``, also save the model from this layout (a checkpoint written at TP x PP). ``strict_fp32``
+    turns TF32 off on CUDA, so GPU logits can be held to fp32 tolerance.
     """
+    if strict_fp32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     from megatron.core import parallel_state as ps
 
     from megatron_sft.model.checkpoint import TOKENIZER_DIR, load_model, save_model

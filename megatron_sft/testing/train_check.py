@@ -7,20 +7,29 @@ from typing import Any
 
 import torch
 
-from megatron_sft.commands.train import train_worker  # noqa: F401 - the workers the tests launch
-from megatron_sft.train.config import Config, load_config
+from megatron_sft.train.entry import train_worker  # noqa: F401 - the workers the tests launch
+from megatron_sft.config import Config, load_config
 
 
 def make_tiny_run_inputs(root: Path, rows: int = 48, layers: int = 4) -> tuple[Path, Path]:
     """(megatron checkpoint of a tiny random Qwen2 with 4 layers, train.jsonl of the shift task)."""
     from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
-    from megatron_sft.demo import shift_task_rows, write_jsonl
+    from megatron_sft.toy.files import write_jsonl
+    from megatron_sft.toy.letter_task import shift_task_rows
     from megatron_sft.launch import run_local_workers
-    from megatron_sft.testing.tiny_models import save_tiny_hf_model
+    from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
     save_tiny_hf_model(root / "hf", "qwen2-tied-gqa", layers=layers, hidden=64, seed=0)
     run_local_workers(convert_hf_to_mcore, 1, root / "hf", root / "ckpt", timeout_s=300)  # own process group
     return root / "ckpt", write_jsonl(root / "train.jsonl", shift_task_rows(rows, seed=5))
+
+
+def tiny_cli_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """`megatron-sft train` overrides of a short constant-LR run on the tiny model without an HF export;
+    ``extra`` (the run length, checkpoint cadence, ...) comes last and wins."""
+    return [f"output_dir={out}", f"model.checkpoint={ckpt}", f"data.train={data}", "data.max_length=32",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "optim.lr=1e-3", "optim.warmup_steps=0",
+            "optim.schedule=constant", "checkpoint.export_hf=false", "log.progress_bar=false", *extra]
 
 
 def tiny_config(ckpt: Path, data: Path, out: Path, *overrides: str) -> Config:
@@ -52,17 +61,20 @@ def eval_metrics(output_dir: str | Path) -> list[dict[str, float]]:
 
 
 def per_token_loss_worker(ckpt: str, data: str, packing: bool, tensor_parallel: int, max_length: int = 48,
-                          use_thd: bool = False) -> dict[str, Any]:
+                          use_thd: bool = False, leak_across_sequences: bool = False) -> dict[str, Any]:
     """Per-token f(p) (objective nll) of every example, keyed by its FILE:ROW, from our model's forward with
-    packed (block-diagonal mask, or THD ``PackedSeqParams`` with ``use_thd``) or unpacked rows."""
+    packed (block-diagonal mask, or THD ``PackedSeqParams`` with ``use_thd``) or unpacked rows.
+
+    ``leak_across_sequences``: the negative control, attention told that each packed row is one sequence (a
+    packing bug), so a test can show its tolerance would catch one."""
     from transformers import AutoTokenizer
 
     from megatron_sft.loss import vocab_parallel_objective_loss
     from megatron_sft.model.checkpoint import TOKENIZER_DIR, load_model
     from megatron_sft.parallel import init_model_parallel
-    from megatron_sft.train.attention import attention_inputs
-    from megatron_sft.train.batches import BatchShape, load_rows
-    from megatron_sft.train.config import DataConfig
+    from megatron_sft.model.attention import attention_inputs
+    from megatron_sft.data.batches import BatchShape, load_rows
+    from megatron_sft.config import DataConfig
 
     init_model_parallel(tensor_parallel, 1)
     model, args = load_model(ckpt)
@@ -76,7 +88,8 @@ def per_token_loss_worker(ckpt: str, data: str, packing: bool, tensor_parallel: 
         chunk = rows[start : start + 4]
         batch = {k: v.to(device) for k, v in shape.collate(chunk).items()}
         rows_shape = batch["tokens"].shape
-        flat, mask, packed = attention_inputs(batch, use_thd=use_thd)
+        seen = dict(batch, sequence_ids=torch.where(batch["sequence_ids"] >= 0, 0, -1)) if leak_across_sequences else batch
+        flat, mask, packed = attention_inputs(seen, use_thd=use_thd)
         with torch.no_grad():
             logits = model(flat["tokens"], flat["position_ids"], mask, packed_seq_params=packed)
             out = vocab_parallel_objective_loss(logits, flat["labels"], "nll", flat["loss_mask"], vocab_size=args.vocab_size)

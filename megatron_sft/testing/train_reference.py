@@ -4,7 +4,7 @@ The trainer's first step (dumped with ``MEGATRON_SFT_DUMP_GRADS``, see :mod:`meg
 is recomputed here without any of the trainer's model, loss or reduction code: every sequence the trainer
 put into a micro-batch (found by its token ids among the independently formatted examples, which give
 its response mask) runs alone through ``transformers``' model in float64; f(p) and the token selection
-come from the float64 formulas of :mod:`megatron_sft.testing.reference`; the loss is normalised over the
+come from the float64 formulas of :mod:`megatron_sft.selfcheck.reference_loss`; the loss is normalised over the
 global batch or per micro-batch as the README specifies, and ``backward()`` gives every HF parameter's
 gradient.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_sft.testing.reference import (
+from megatron_sft.selfcheck.reference_loss import (
     parse_reference,
     reference_selection,
     reference_value,
@@ -103,14 +103,14 @@ def reference_loss_value(terms: TokenTerms, spec: str, normalization: str, reduc
 
 
 def reference_step(hf_dir: str | Path, data: str | Path, dump: dict, spec: str, normalization: str,
-                   format_config, reduction: str = "token_mean") -> dict:
+                   data_config, reduction: str = "token_mean") -> dict:
     """Loss, per-HF-parameter gradients and the token p's of the trainer's first step, in float64."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_sft.data.formatting import Formatter
     from megatron_sft.data.sources import read_rows
 
-    formatter = Formatter(AutoTokenizer.from_pretrained(str(hf_dir)), format_config)
+    formatter = Formatter(AutoTokenizer.from_pretrained(str(hf_dir)), data_config)
     examples = {}
     for row in read_rows(str(data)):
         example = formatter(row)
@@ -123,6 +123,38 @@ def reference_step(hf_dir: str | Path, data: str | Path, dump: dict, spec: str, 
     loss.backward()
     grads = {name: param.grad.detach().clone() for name, param in model.named_parameters()}
     return {"loss": float(loss), "grads": grads, "p": terms.logp.detach().exp(), "selected": selected}
+
+
+def reference_trainer_loop(hf_dir: str | Path, data: str | Path, dump: dict, spec: str, data_config) -> dict:
+    """The reference trainer's step (``_compute_loss_and_backward`` + ``training_step``) in plain float64
+    PyTorch on the trainer's micro-batches: on each DP rank, every micro-batch's token mean
+    sum(f(p) * mask) / (sum(mask) + 1e-8) is backpropagated on its own (its gradient accumulates undivided),
+    the logged loss is their mean; the ranks' gradients are averaged (FSDP's all-reduce). Fixed f(p) only:
+    the reference selects percentiles per micro-batch, which is not what this project does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_sft.data.formatting import Formatter
+    from megatron_sft.data.sources import read_rows
+
+    base, arg, kind, _ = parse_reference(spec)
+    assert kind == "none", "reference_trainer_loop covers fixed f(p) objectives"
+    formatter = Formatter(AutoTokenizer.from_pretrained(str(hf_dir)), data_config)
+    examples = {tuple(e.input_ids): e.target_mask for e in map(formatter, read_rows(str(data)))}
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float64, attn_implementation="eager")
+    model.eval()
+    _float64_rmsnorm(model)
+    logged = []
+    for rank_batches in dump["micro_batches"]:
+        rank_loss = 0.0
+        for micro_batch in rank_batches:
+            logp = token_terms(model, examples, [[micro_batch]]).logp
+            loss = reference_value(base, arg, logp).sum() / (logp.numel() + 1e-8)
+            loss.backward()
+            rank_loss += float(loss.detach()) / len(rank_batches)
+        logged.append(rank_loss)
+    dp = len(dump["micro_batches"])
+    grads = {name: param.grad.detach().clone() / dp for name, param in model.named_parameters()}
+    return {"loss": sum(logged) / dp, "grads": grads}
 
 
 def gradient_errors(trainer: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -149,7 +181,7 @@ def counting_train_worker(config_dict: dict, resume: bool = False) -> dict:
     (``CheckpointFunction``: model.recompute full or selective), so a test can see recompute is active."""
     from megatron.core.tensor_parallel import random as mc_random
 
-    from megatron_sft.commands.train import train_worker
+    from megatron_sft.train.entry import train_worker
 
     calls = [0]
     forward = mc_random.CheckpointFunction.forward

@@ -32,7 +32,8 @@ from megatron_sft.model.checkpoint import (
 )
 from megatron_sft.parallel import barrier
 from megatron_sft.train.checkpoint_integrity import write_manifest
-from megatron_sft.train.model_setup import TrainingModel, chunks_sharded_state_dict
+from megatron_sft.model.checkpoint import chunks_sharded_state_dict
+from megatron_sft.train.model_setup import TrainingModel
 from megatron_sft.train.save_guard import NoSpaceError, check_free_space, checkpoint_bytes, guarded_write
 
 OPTIMIZER_DIR = "optimizer"
@@ -280,14 +281,14 @@ def load_training_checkpoint(model: TrainingModel, path: str | Path) -> dict[str
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the trainer state."""
     from megatron.core import dist_checkpointing
 
-    from megatron_sft.train.model_setup import load_chunk_weights
+    from megatron_sft.model.checkpoint import load_weights
 
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     if not state.get("has_optimizer", False):
         raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer=false); it cannot be resumed")
     _materialize_optimizer_state(model.optimizer)
-    load_chunk_weights(model.modules, path / MODEL_DIR)
+    load_weights(model.modules, path / MODEL_DIR)
     optim_sd = model.optimizer.sharded_state_dict(
         chunks_sharded_state_dict(model.modules), is_loading=True, metadata=OPTIMIZER_METADATA
     )

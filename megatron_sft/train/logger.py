@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_sft.model.args import ModelArgs
-from megatron_sft.train.config import LogConfig
+from megatron_sft.config import LogConfig
 from megatron_sft.train.metrics_resume import cut_metrics_back
 
 # dense bf16 tensor-core peak per GPU (FLOP/s), by device-name substring

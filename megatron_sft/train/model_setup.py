@@ -16,9 +16,9 @@ import torch
 from megatron_sft.fused_output_loss import install_fused_output_layer
 from megatron_sft.model.args import ModelArgs
 from megatron_sft.model.builder import build_gpt_model, build_transformer_config
-from megatron_sft.model.checkpoint import MODEL_DIR, read_model_args
+from megatron_sft.model.checkpoint import MODEL_DIR, load_weights as load_checkpoint_weights, read_model_args
 from megatron_sft.parallel import current_device
-from megatron_sft.train.config import Config
+from megatron_sft.config import Config, OptimConfig
 
 
 @dataclass
@@ -36,43 +36,20 @@ class TrainingModel:
         return [chunk.module for chunk in self.chunks]
 
 
-def chunks_sharded_state_dict(modules: list) -> dict:
-    """One sharded state dict for all chunks; tensors are keyed globally, so any layout can load it."""
-    if len(modules) == 1:
-        return modules[0].sharded_state_dict()
-    return {f"chunk{i}": module.sharded_state_dict() for i, module in enumerate(modules)}
-
-
-def load_chunk_weights(modules: list, model_dir: str | Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    sharded = chunks_sharded_state_dict(modules)
-    loaded = dist_checkpointing.load(sharded, str(model_dir))
-    per_chunk = [loaded] if len(modules) == 1 else [loaded[f"chunk{i}"] for i in range(len(modules))]
-    for module, state in zip(modules, per_chunk):
-        result = module.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing:
-            raise RuntimeError(f"{model_dir}: checkpoint has no values for {missing[:5]} ({len(missing)} tensors)")
-
-
-def build_training_model(cfg: Config, total_steps: int, load_weights: bool = True) -> TrainingModel:
-    """Build this rank's chunks from the checkpoint's args, load its weights, wrap in DDP, make the optimizer."""
+def build_model_chunks(cfg: Config, load_weights: bool = True) -> tuple[ModelArgs, object, list]:
+    """(model args, TransformerConfig, this rank's GPTModel chunks: one per virtual pipeline stage), with the
+    checkpoint's weights loaded and the fused output layer installed when configured."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     args = read_model_args(cfg.model.checkpoint)
     par = cfg.parallel
-    recompute = None if cfg.model.recompute == "none" else cfg.model.recompute
     tconfig = build_transformer_config(
         args,
         tensor_parallel=par.tensor,
         pipeline_parallel=par.pipeline,
         virtual_pipeline_parallel=par.virtual_pipeline,
         sequence_parallel=par.sequence_parallel,
-        recompute_granularity=recompute,
+        recompute_granularity=None if cfg.model.recompute == "none" else cfg.model.recompute,
         # always: megatron-core tags tensor-parallel weights (tensor_model_parallel, partition_dim) only while
         # initialising them; without the tags the grad norm counts sharded weights on TP rank 0 only and
         # clipping goes wrong at TP > 1. The loaded weights replace the random ones.
@@ -87,19 +64,25 @@ def build_training_model(cfg: Config, total_steps: int, load_weights: bool = Tru
             args, tconfig,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp_stage),
-            vp_stage=vp_stage,
+            vp_stage=vp_stage, attention_backend=cfg.model.attention_backend,
         ))
     if load_weights:
-        load_chunk_weights(modules, Path(cfg.model.checkpoint) / MODEL_DIR)
+        load_checkpoint_weights(modules, Path(cfg.model.checkpoint) / MODEL_DIR)
     if cfg.model.fused_output_loss:
         for module in modules:
             if module.post_process:
                 install_fused_output_layer(module)
+    return args, tconfig, modules
+
+
+def wrap_in_ddp(tconfig, modules: list, distributed_optimizer: bool) -> list:
+    """megatron-core DDP around each chunk: contiguous fp32 grad buffers, replicas identical across DP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=par.distributed_optimizer,
+        use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,  # non-finite steps are handled by the trainer (skip or halt)
     )
     chunks = [
@@ -108,26 +91,29 @@ def build_training_model(cfg: Config, total_steps: int, load_weights: bool = Tru
     ]
     for chunk in chunks:
         chunk.broadcast_params()  # identical replicas across DP (they loaded the same weights anyway)
+    return chunks
 
-    o = cfg.optim
-    optimizer = get_megatron_optimizer(
+
+def build_optimizer(o: OptimConfig, tconfig, chunks: list, distributed_optimizer: bool):
+    """megatron-core's Adam (decoupled weight decay, grad clipping; sharded over DP when distributed)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    return get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam",
-            lr=o.lr,
-            min_lr=o.min_lr,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.betas[0],
-            adam_beta2=o.betas[1],
-            adam_eps=o.eps,
-            clip_grad=o.clip_grad,
-            bf16=tconfig.bf16,
-            params_dtype=tconfig.params_dtype,
-            use_distributed_optimizer=par.distributed_optimizer,
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
+            adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad, bf16=tconfig.bf16,
+            params_dtype=tconfig.params_dtype, use_distributed_optimizer=distributed_optimizer,
         ),
         chunks,
     )
+
+
+def build_scheduler(o: OptimConfig, optimizer, total_steps: int):
+    """Warmup then cosine/linear decay (or constant) over ``total_steps``: the schedule's whole length."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_ratio * total_steps))
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else o.lr,
         max_lr=o.lr,
@@ -140,6 +126,17 @@ def build_training_model(cfg: Config, total_steps: int, load_weights: bool = Tru
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
+
+
+def build_training_model(cfg: Config, total_steps: int, load_weights: bool = True) -> TrainingModel:
+    """This rank's chunks with the checkpoint's weights, in DDP, with optimizer and LR schedule; the
+    TransformerConfig gets the hooks megatron-core's schedules call (grad finalisation, loss scale, no_sync)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    args, tconfig, modules = build_model_chunks(cfg, load_weights)
+    chunks = wrap_in_ddp(tconfig, modules, cfg.parallel.distributed_optimizer)
+    optimizer = build_optimizer(cfg.optim, tconfig, chunks, cfg.parallel.distributed_optimizer)
+    scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync

@@ -4,7 +4,10 @@
 loss is our vocab-parallel f(p) loss; it hands megatron-core a (numerator, denominator) pair per
 micro-batch. With ``objective.normalization=global`` megatron-core sums both over micro-batches and DP
 ranks and divides the gradients once (``calculate_per_token_loss``), so the step's loss is the token mean
-of the whole global batch, independent of how it is split over micro-batches and ranks.
+of the whole global batch, independent of how it is split over micro-batches and ranks. ``micro_batch``
+averages per-micro-batch means (megatron-core divides each by its token count and by the micro-batch count);
+``micro_batch_sum`` backpropagates each micro-batch's mean undivided, so a rank's gradient is their sum, as
+the reference trainer's loop does (its logged loss is their mean).
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ import torch.distributed as dist
 
 from megatron_sft.fused_output_loss import fused_output_objective_loss, fused_output_weight
 from megatron_sft.loss import LossOutput, reduce_loss, token_p_stats, vocab_parallel_objective_loss
-from megatron_sft.model.builder import transformer_engine_available
-from megatron_sft.objectives import Objective, _gather_valid
+from megatron_sft.model.attention_backends import packs_as_thd
+from megatron_sft.objectives import Objective, gather_valid
 from megatron_sft.parallel import current_device
-from megatron_sft.train.attention import attention_inputs
-from megatron_sft.train.config import ObjectiveConfig
+from megatron_sft.model.attention import attention_inputs
+from megatron_sft.config import ObjectiveConfig
 from megatron_sft.train.grad_dump import dump_path, dump_step_gradients
 from megatron_sft.train.model_setup import TrainingModel, grads_finite, zero_grads
 
 # per-micro-batch statistics summed over the step: loss numerator, denominator, per-micro-batch mean
 # (for micro_batch normalization), sum of p and count over response tokens, selected tokens, micro-batches
+# the reference trainer's guard in sum(loss * mask) / (sum(mask) + 1e-8)
+REFERENCE_DENOMINATOR_GUARD = 1e-8
 _STATS = ("numerator", "denominator", "micro_mean", "sum_p", "valid", "selected", "micro_batches")
 
 
@@ -55,11 +60,13 @@ class StepRunner:
     """Runs training (and forward-only evaluation) steps of one model with one objective."""
 
     def __init__(self, model: TrainingModel, objective: Objective, objective_cfg: ObjectiveConfig):
+        self._micro_batches = 1  # of the step being run (micro_batch_sum scales each micro-batch's mean by it)
         self.model = model
         self.objective = objective
         self.cfg = objective_cfg
         self.vocab_size = model.args.vocab_size
-        self.use_thd = transformer_engine_available()
+        # packed rows as THD cu_seqlens for variable-length kernels, else a block-diagonal mask
+        self.use_thd = packs_as_thd(getattr(model.modules[0], "attention_backend", "local"))
         # adaptive objectives: exponential moving average of the global batches' mean token p, updated after
         # every step; measured on the first step's batch when unset (saved in checkpoints for resume)
         self.running_mean_p: Optional[float] = None
@@ -93,6 +100,9 @@ class StepRunner:
                     numerator.detach(), denominator, numerator.detach() / denominator.clamp_min(1), sum_p, valid,
                     out.selected.sum().to(sum_p.dtype), torch.ones((), device=device),
                 ]).double())
+                if cfg.normalization == "micro_batch_sum":  # megatron-core divides by 1 and by the micro-batch count
+                    mean = numerator / (denominator + REFERENCE_DENOMINATOR_GUARD)
+                    return mean * self._micro_batches, torch.ones((), dtype=torch.int, device=device), {}
                 return numerator, denominator.round().to(torch.int), {}
 
             return output, loss_func
@@ -111,6 +121,8 @@ class StepRunner:
 
     def _run(self, micro_batches: list[dict], forward_step, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self._micro_batches = len(micro_batches)
 
         iterators = [iter(micro_batches) for _ in self.model.chunks]
         rows, length = micro_batches[0]["tokens"].shape
@@ -143,7 +155,7 @@ class StepRunner:
         cutoff = torch.zeros(1, dtype=torch.float32, device=current_device())
         if ps.is_pipeline_last_stage():
             local = torch.cat(collected) if collected else torch.zeros(0, device=current_device())
-            value = self.objective.percentile_cutoff(_gather_valid(local, ps.get_data_parallel_group()))
+            value = self.objective.percentile_cutoff(gather_valid(local, ps.get_data_parallel_group()))
             cutoff[0] = -1.0 if value is None else value
         # the loss runs on the last stage only; other stages do not need the cutoff
         return self.objective.with_fixed_cutoff(float(cutoff[0])) if float(cutoff[0]) >= 0 else self.objective
@@ -230,6 +242,8 @@ class StepRunner:
 
     # ---- statistics --------------------------------------------------------------------------------
     def _loss_value(self, stats: dict) -> float:
+        """The logged loss: the global token mean, or the mean of the micro-batch means (micro_batch, and
+        micro_batch_sum, whose gradient is that of their sum on each rank, as the reference trainer logs it)."""
         if self.cfg.normalization == "global":
             return stats["numerator"] / max(stats["denominator"], 1.0)
         return stats["micro_mean"] / max(stats["micro_batches"], 1.0)

@@ -19,15 +19,18 @@ import torch.distributed as dist
 from megatron_sft import stop_signal
 from megatron_sft.data.drop_limit import check_dropped_fraction, dropped_summary
 from megatron_sft.library_warnings import quiet_library_warnings
-from megatron_sft.model.checkpoint import TOKENIZER_DIR
+from megatron_sft.memory.check import compare_with_measured, measured_peak_bytes, predicted_line, reset_peak
+from megatron_sft.model.checkpoint import TOKENIZER_DIR, load_tokenizer, pad_token_id
 from megatron_sft.objectives import parse_objective
 from megatron_sft.parallel import current_device
-from megatron_sft.train.batches import BatchShape, TrainingRows, load_rows, round_up
+from megatron_sft.data.batches import BatchShape, TrainingRows, batch_shape, data_parallel_share, load_rows
+from megatron_sft.data.sampler import ShardedSampler
 from megatron_sft.train.checkpoint_integrity import choose_resume_checkpoint
 from megatron_sft.train.checkpointing import LATEST, STATE_FILE, load_training_checkpoint, save_training_checkpoint
-from megatron_sft.train.config import Config, ConfigError, check_checkpoint_exists
+from megatron_sft.config import DEFAULT_EPOCHS, Config, ConfigError, TrainConfig, check_checkpoint_exists
 from megatron_sft.train.logger import RunLogger, flops_per_token, peak_flops
-from megatron_sft.train.model_setup import build_training_model
+from megatron_sft.train.model_setup import TrainingModel, build_training_model
+from megatron_sft.train.preflight import check_existing_checkpoints
 from megatron_sft.train.run_lock import RunLockedError, lock_for_training
 from megatron_sft.train.save_guard import remove_stale_temporaries
 from megatron_sft.train.step import StepRunner
@@ -110,8 +113,9 @@ def _stopped_at_start_up(main: bool) -> TrainSummary:
                         export=None, stopped_by_signal=True, losses=[])
 
 
-def _resume_checkpoint(checkpoints: Path, resume: bool, verify: str, main: bool) -> Optional[Path]:
+def _resume_checkpoint(cfg: Config, resume: bool, main: bool) -> Optional[Path]:
     """Collective. None for a fresh run; else the newest intact checkpoint (damaged ones reported, skipped)."""
+    checkpoints, verify = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.verify
     if main:
         removed = remove_stale_temporaries(checkpoints)
         if removed:
@@ -121,35 +125,26 @@ def _resume_checkpoint(checkpoints: Path, resume: bool, verify: str, main: bool)
     pointer = checkpoints / LATEST
     if not pointer.is_file():
         return None
+    check_existing_checkpoints(cfg, resume)  # the launcher's preflight rule: refused without --resume
     latest = pointer.read_text().strip()
-    if not resume:
-        raise ConfigError(f"{checkpoints.parent} already has checkpoints (latest: {latest}); pass --resume to continue "
-                          "that run, or choose another output_dir")
     say = (lambda message: print(message, flush=True)) if main else (lambda message: None)
     return choose_resume_checkpoint(checkpoints, latest, verify, STATE_FILE, say)
 
 
-def _train(cfg: Config, resume: bool) -> TrainSummary:
+@dataclass
+class _Layout:
+    """Where this rank sits in the data-parallel dimension and how many micro-batches it runs per step."""
+    world: int
+    dp: int
+    dp_rank: int
+    micro_batches: int
+
+
+def _data_parallel_layout(cfg: Config, world: int) -> _Layout:
     from megatron.core import parallel_state as ps
-    from transformers import AutoTokenizer
 
-    from megatron_sft.data.sampler import ShardedSampler
-    from megatron_sft.parallel import init_distributed, init_model_parallel
-
-    quiet_library_warnings()
-    rank, world = init_distributed()
-    par = cfg.parallel
-    init_model_parallel(par.tensor, par.pipeline, par.virtual_pipeline, seed=cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    main = rank == 0
-    out = Path(cfg.output_dir)
-    checkpoints = out / "checkpoints"
-    existing = _resume_checkpoint(checkpoints, resume, cfg.checkpoint.verify, main)
-    if main:  # a resumed run is not complete until it finishes again (job scripts requeue on its absence)
-        (out / COMPLETED_MARKER).unlink(missing_ok=True)
-
+    par, t = cfg.parallel, cfg.train
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be a multiple of train.micro_batch_size "
                           f"({t.micro_batch_size}) x data-parallel size ({dp} = {world} ranks / (TP {par.tensor} x PP {par.pipeline}))")
@@ -157,110 +152,238 @@ def _train(cfg: Config, resume: bool) -> TrainSummary:
     if par.virtual_pipeline and num_micro % par.pipeline:
         raise ConfigError(f"interleaved pipelining needs the micro-batches per rank ({num_micro}) to be a multiple of "
                           f"parallel.pipeline ({par.pipeline}); raise train.global_batch_size")
+    return _Layout(world, dp, dp_rank, num_micro)
 
+
+def schedule_length(t: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(steps the LR schedule spans, steps this run takes). ``train.max_steps`` alone sets both, as HF
+    Trainer's ``max_steps`` does (the data repeats as needed); with ``train.epochs`` also set, the schedule
+    spans the epochs and max_steps only stops early."""
+    if t.max_steps is not None and t.epochs is None:
+        return t.max_steps, t.max_steps
+    total = steps_per_epoch * (t.epochs if t.epochs is not None else DEFAULT_EPOCHS)
+    return total, min(total, t.max_steps) if t.max_steps else total
+
+
+@dataclass
+class _RunData:
+    """The run's tokenised rows, their order and the step counts that follow from them."""
+    tokenizer_dir: Path
+    train: TrainingRows
+    eval: Optional[TrainingRows]
+    sampler: ShardedSampler
+    shape: BatchShape
+    total_steps: int  # the LR schedule's length
+    run_steps: int
+
+
+def _load_run_data(cfg: Config, layout: _Layout) -> _RunData:
     check_checkpoint_exists(cfg)
-    tokenizer_dir = Path(cfg.model.checkpoint) / TOKENIZER_DIR
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(cfg.model.checkpoint)
     data = load_rows(cfg.data.train, cfg.data, tokenizer)
     check_dropped_fraction(data.report, cfg.data.max_dropped_fraction, "data.train")
     eval_data = load_rows(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
     if eval_data is not None:
         check_dropped_fraction(eval_data.report, cfg.data.max_dropped_fraction, "data.eval")
-    sampler = ShardedSampler(len(data.rows), t.global_batch_size, dp_rank, dp, seed=cfg.data.seed)
-    total_steps = sampler.steps_per_epoch * t.epochs
-    run_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    shape = BatchShape(t.micro_batch_size, pad_id, par.tensor,
-                       round_up(cfg.data.max_length, par.tensor) if par.pipeline > 1 else None)
+    t = cfg.train
+    sampler = ShardedSampler(len(data.rows), t.global_batch_size, layout.dp_rank, layout.dp, seed=cfg.data.seed)
+    total_steps, run_steps = schedule_length(t, sampler.steps_per_epoch)
+    return _RunData(Path(cfg.model.checkpoint) / TOKENIZER_DIR, data, eval_data, sampler,
+                    batch_shape(cfg, t.micro_batch_size, pad_token_id(tokenizer)), total_steps, run_steps)
 
-    model = build_training_model(cfg, total_steps)
+
+def _start_up_lines(cfg: Config, layout: _Layout, run: _RunData, model: TrainingModel, objective,
+                    existing: Optional[Path]) -> list[str]:
+    """What rank 0 prints before the first step: the data reports and the layout line."""
+    par, t = cfg.parallel, cfg.train
+    lines = [_data_report("train data", run.train, cfg.data.packing)]
+    if run.eval is not None:
+        lines.append(_data_report("eval data", run.eval, cfg.data.packing))
+    if run.sampler.repeated_per_epoch:
+        lines.append(f"  {len(run.train.rows)} rows do not fill whole global batches of {t.global_batch_size}: the last "
+                     f"step of each epoch repeats {run.sampler.repeated_per_epoch} rows of that epoch (none is dropped)")
+    epochs = run.total_steps / run.sampler.steps_per_epoch
+    lines.append(f"layout: {layout.world} ranks = TP {par.tensor} x PP {par.pipeline}"
+                 f"{f' (x{par.virtual_pipeline} virtual)' if par.virtual_pipeline else ''} x DP {layout.dp}"
+                 f"{', SP' if par.sequence_parallel and par.tensor > 1 else ''}; attention "
+                 f"{getattr(model.modules[0], 'attention_backend', cfg.model.attention_backend)}"
+                 f"{' (auto)' if cfg.model.attention_backend == 'auto' else ''}; {layout.micro_batches} micro-batches of "
+                 f"{t.micro_batch_size} per rank per step; output loss "
+                 f"{f'fused (chunks of {model.loss_chunk_tokens} tokens)' if model.loss_chunk_tokens else 'unfused'}; "
+                 f"objective {objective.spec} ({objective.formula}); "
+                 f"{run.total_steps} steps over {epochs:g} epochs"
+                 f"{f', running {run.run_steps}' if run.run_steps < run.total_steps else ''}"
+                 f"{f'; resumed from {existing.name}' if existing is not None else ''}")
+    return lines
+
+
+class _Throughput:
+    """tokens/s and MFU of a step (MFU from the dense model FLOPs at the data's mean sequence length)."""
+
+    def __init__(self, model: TrainingModel, data: TrainingRows, world: int) -> None:
+        self.peak = peak_flops()
+        self.flops_per_token = flops_per_token(model.args, data.tokens / max(data.sequences, 1))
+        self.world = world
+
+    def metrics(self, tokens: int, seconds: float) -> dict:
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.world) if self.peak else None
+        return {"tokens_per_s": tokens_per_s, "step_seconds": seconds, "mfu": mfu}
+
+
+def _step_metrics(result, throughput: _Throughput) -> dict:
+    metrics = {"loss": result.loss, "mean_p": result.mean_p, "selected_fraction": result.selected_fraction,
+               "lr": result.lr, "grad_norm": result.grad_norm, **throughput.metrics(result.tokens, result.seconds),
+               "skipped": result.skipped}
+    if result.adaptive_parameter is not None:
+        metrics.update(objective=result.objective, adaptive_parameter=result.adaptive_parameter)
+    return metrics
+
+
+class _MemoryWatch:
+    """The memory model's predicted peak per rank (memory/check.py), logged at start-up and compared with the
+    measured peak once two steps have run (Adam's state exists from the first)."""
+
+    def __init__(self) -> None:
+        self.baseline = reset_peak()  # before the model is built
+        self.predicted: Optional[float] = None
+
+    def predict(self, cfg: Config, model: TrainingModel, world: int) -> str:
+        try:
+            line, estimate = predicted_line(cfg, model.args, world)
+        except (ValueError, KeyError, NotImplementedError) as err:  # a setup the model does not cover: say so
+            return f"memory model: no prediction for this setup ({err})"
+        self.predicted = estimate.peak
+        return line
+
+    def check(self) -> Optional[str]:
+        """Collective. The comparison line (a WARNING above 20%), or None without a prediction."""
+        if self.predicted is None:
+            return None
+        peak = torch.tensor([float(measured_peak_bytes(self.baseline))], device=current_device())
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return compare_with_measured(self.predicted, float(peak[0])).message
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action (checkpoint, evaluation) runs after ``step``: every N steps and at the end."""
+    return bool(every) and step % every == 0 or step == last
+
+
+def _train(cfg: Config, resume: bool) -> TrainSummary:
+    from megatron_sft.parallel import init_distributed, init_model_parallel
+
+    quiet_library_warnings()
+    rank, world = init_distributed()
+    par = cfg.parallel
+    init_model_parallel(par.tensor, par.pipeline, par.virtual_pipeline, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    main, out = rank == 0, Path(cfg.output_dir)
+    existing = _resume_checkpoint(cfg, resume, main)
+    if main:  # a resumed run is not complete until it finishes again (job scripts requeue on its absence)
+        (out / COMPLETED_MARKER).unlink(missing_ok=True)
+    layout = _data_parallel_layout(cfg, world)
+    run = _load_run_data(cfg, layout)
+    memory = _MemoryWatch()
+    model = build_training_model(cfg, run.total_steps)
+    memory_line = memory.predict(cfg, model, world)
     objective = parse_objective(cfg.objective.name)
     runner = StepRunner(model, objective, cfg.objective)
     start_step = 0
     if existing is not None:
         state = load_training_checkpoint(model, existing)
-        sampler.load_state_dict(state["sampler"])
+        run.sampler.load_state_dict(state["sampler"])
         start_step = state["step"]
         runner.running_mean_p = state.get("running_mean_p")
-
-    log = RunLogger(out, cfg.log, run_steps, start_step, enabled=main, run_config=cfg.to_dict())
+    log = RunLogger(out, cfg.log, run.run_steps, start_step, enabled=main, run_config=cfg.to_dict())
     if main:
         cfg.save(out / "config.yaml")
-        log.print(_data_report("train data", data, cfg.data.packing))
-        if eval_data is not None:
-            log.print(_data_report("eval data", eval_data, cfg.data.packing))
-        if sampler.repeated_per_epoch:
-            log.print(f"  {len(data.rows)} rows do not fill whole global batches of {t.global_batch_size}: the last step of "
-                      f"each epoch repeats {sampler.repeated_per_epoch} rows of that epoch (none is dropped)")
-        log.print(f"layout: {world} ranks = TP {par.tensor} x PP {par.pipeline}"
-                  f"{f' (x{par.virtual_pipeline} virtual)' if par.virtual_pipeline else ''} x DP {dp}"
-                  f"{', SP' if par.sequence_parallel and par.tensor > 1 else ''}; {num_micro} micro-batches of "
-                  f"{t.micro_batch_size} per rank per step; output loss "
-                  f"{f'fused (chunks of {model.loss_chunk_tokens} tokens)' if model.loss_chunk_tokens else 'unfused'}; "
-                  f"objective {objective.spec} ({objective.formula}); "
-                  f"{total_steps} steps over {t.epochs} epochs"
-                  f"{f', running {run_steps}' if run_steps < total_steps else ''}"
-                  f"{f'; resumed from {existing.name}' if existing is not None else ''}")
-
-    peak = peak_flops()
-    mean_len = data.tokens / max(data.sequences, 1)
-    flops_token = flops_per_token(model.args, mean_len)
-    stop = _StopSignal()
-    losses: list[float] = []
-    first_p = last_p = None
-    saved: Optional[Path] = existing
-    step = start_step
-    trainer_state = lambda: {"sampler": sampler.state_dict(), "data_rows": len(data.rows),  # noqa: E731
-                             "running_mean_p": runner.running_mean_p}
-    stopped = stop.agreed()  # a stop during start-up: exit before the first step, nothing new to save
-    if stopped:
-        log.print(f"received signal {stop.received or 'on another rank'} during start-up: exiting before step "
-                  f"{step + 1} with nothing new to save. Continue with --resume.")
-    while not stopped and step < run_steps:
-        epoch, epoch_step, rows = sampler.next_step()
-        micro_batches = shape.micro_batches([data.rows[i] for i in rows])
-        result = runner.train_step(micro_batches, t.on_nonfinite)
-        step += 1
-        losses.append(result.loss)
-        first_p = result.mean_p if first_p is None else first_p
-        last_p = result.mean_p
-        tokens_per_s = result.tokens / max(result.seconds, 1e-9)
-        metrics = {
-            "loss": result.loss, "mean_p": result.mean_p, "selected_fraction": result.selected_fraction,
-            "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
-            "step_seconds": result.seconds, "mfu": tokens_per_s * flops_token / (peak * world) if peak else None,
-            "skipped": result.skipped,
-        }
-        if result.adaptive_parameter is not None:
-            metrics.update(objective=result.objective, adaptive_parameter=result.adaptive_parameter)
-        if eval_data is not None and t.eval_every_steps and (step % t.eval_every_steps == 0 or step == run_steps):
-            evaluation = evaluate_rows(runner, shape, eval_data, dp, dp_rank, par.pipeline if par.virtual_pipeline else 1)
-            metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
-        log.log_step(step, run_steps, epoch + (epoch_step + 1) / sampler.steps_per_epoch, metrics)
-        stopped = stop.agreed()
-        every = cfg.checkpoint.every_steps
-        if stopped or (every and step % every == 0) or step == run_steps:
-            saved = save_training_checkpoint(model, checkpoints, step, trainer_state(), tokenizer_dir,
-                                             cfg.checkpoint.save_optimizer, cfg.checkpoint.keep_last)
-            log.print(f"saved checkpoint {saved}")
-        if stopped:
-            log.print(f"received signal {stop.received or 'on another rank'}: checkpoint saved at step {step}; "
-                      f"exiting. Continue with --resume.")
-            break
-
+        for line in _start_up_lines(cfg, layout, run, model, objective, existing) + [memory_line]:
+            log.print(line)
+    loop = _TrainingLoop(cfg, layout, run, model, runner, log, existing, memory)
+    loop.run(start_step)
     exported = None
-    if not stopped and cfg.checkpoint.export_hf and saved is not None:
-        exported = export_hf(saved, out / "hf", main)
+    if not loop.stopped and cfg.checkpoint.export_hf and loop.saved is not None:
+        exported = export_hf(loop.saved, out / "hf", main)
         log.print(f"exported HF model to {exported}")
     log.close()
-    summary = TrainSummary(
-        steps=step, first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-        first_mean_p=first_p, last_mean_p=last_p, checkpoint=str(saved) if saved else None,
-        export=str(exported) if exported else None, stopped_by_signal=stopped, losses=losses,
-    )
-    if main and not stopped:
+    summary = loop.summary(exported)
+    if main and not loop.stopped:
         _write_completed_marker(out, summary)
     return summary
+
+
+class _TrainingLoop:
+    """step -> log -> evaluate -> save -> stop, until the run's last step or a stop signal."""
+
+    def __init__(self, cfg: Config, layout: _Layout, run: _RunData, model: TrainingModel, runner: StepRunner,
+                 log: RunLogger, existing: Optional[Path], memory: _MemoryWatch) -> None:
+        self.cfg, self.layout, self.run_data, self.model, self.runner, self.log = cfg, layout, run, model, runner, log
+        self.memory = memory
+        self.saved: Optional[Path] = existing
+        self.stopped = False
+        self.step = 0
+        self.losses: list[float] = []
+        self.first_p: Optional[float] = None
+        self.last_p: Optional[float] = None
+        self.throughput = _Throughput(model, run.train, layout.world)
+
+    def run(self, start_step: int) -> None:
+        stop, run, t = _StopSignal(), self.run_data, self.cfg.train
+        self.step = start_step
+        self.stopped = stop.agreed()  # a stop during start-up: exit before the first step, nothing new to save
+        if self.stopped:
+            self.log.print(f"received signal {stop.received or 'on another rank'} during start-up: exiting before "
+                           f"step {self.step + 1} with nothing new to save. Continue with --resume.")
+        while not self.stopped and self.step < run.run_steps:
+            epoch, epoch_step, rows = run.sampler.next_step()
+            result = self.runner.train_step(run.shape.micro_batches([run.train.rows[i] for i in rows]), t.on_nonfinite)
+            self.step += 1
+            self._record(result)
+            if self.step == min(start_step + 2, run.run_steps):
+                self._log_memory()
+            metrics = _step_metrics(result, self.throughput)
+            if run.eval is not None and t.eval_every_steps and _due(self.step, t.eval_every_steps, run.run_steps):
+                metrics.update({f"eval/{k}": v for k, v in self._evaluate().items()})
+            self.log.log_step(self.step, run.run_steps, epoch + (epoch_step + 1) / run.sampler.steps_per_epoch, metrics)
+            self.stopped = stop.agreed()
+            if self.stopped or _due(self.step, self.cfg.checkpoint.every_steps, run.run_steps):
+                self._save()
+            if self.stopped:
+                self.log.print(f"received signal {stop.received or 'on another rank'}: checkpoint saved at step "
+                               f"{self.step}; exiting. Continue with --resume.")
+
+    def _log_memory(self) -> None:
+        line = self.memory.check()  # collective
+        if line:
+            self.log.print(line)
+
+    def _record(self, result) -> None:
+        self.losses.append(result.loss)
+        self.first_p = result.mean_p if self.first_p is None else self.first_p
+        self.last_p = result.mean_p
+
+    def _evaluate(self) -> dict:
+        par = self.cfg.parallel
+        return evaluate_rows(self.runner, self.run_data.shape, self.run_data.eval, self.layout.dp, self.layout.dp_rank,
+                             par.pipeline if par.virtual_pipeline else 1)
+
+    def _save(self) -> None:
+        c, run = self.cfg.checkpoint, self.run_data
+        state = {"sampler": run.sampler.state_dict(), "data_rows": len(run.train.rows),
+                 "running_mean_p": self.runner.running_mean_p}
+        self.saved = save_training_checkpoint(self.model, Path(self.cfg.output_dir) / "checkpoints", self.step, state,
+                                              run.tokenizer_dir, c.save_optimizer, c.keep_last)
+        self.log.print(f"saved checkpoint {self.saved}")
+
+    def summary(self, exported: Optional[Path]) -> TrainSummary:
+        losses = self.losses
+        return TrainSummary(
+            steps=self.step, first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+            first_mean_p=self.first_p, last_mean_p=self.last_p, checkpoint=str(self.saved) if self.saved else None,
+            export=str(exported) if exported else None, stopped_by_signal=self.stopped, losses=losses,
+        )
 
 
 COMPLETED_MARKER = "COMPLETED"
@@ -279,12 +402,9 @@ def evaluate_rows(runner: StepRunner, shape: BatchShape, data: TrainingRows, dp:
     filled up to whole micro-batches (``multiple`` of them, for interleaved PP) with loss-free copies."""
     import dataclasses
 
-    n = len(data.rows)
-    per_rank = round_up(-(-n // dp), shape.micro_batch_size * multiple)
-    rows = []
-    for i in range(dp_rank * per_rank, (dp_rank + 1) * per_rank):
-        row = data.rows[i % n]
-        rows.append(row if i < n else dataclasses.replace(row, target_mask=[0] * len(row)))
+    indices, real = data_parallel_share(len(data.rows), dp, dp_rank, shape.micro_batch_size * multiple)
+    rows = [data.rows[i] if n < real else dataclasses.replace(data.rows[i], target_mask=[0] * len(data.rows[i]))
+            for n, i in enumerate(indices)]
     return runner.evaluate(shape.micro_batches(rows))
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from megatron_sft.train.config_checks import check_numbers
+from megatron_sft.config_checks import check_numbers
 
 
 class ConfigError(ValueError):
@@ -28,6 +28,7 @@ class ModelConfig:
     recompute: Literal["none", "full", "selective"] = "none"  # activation recomputation
     fused_output_loss: bool = True  # output layer + f(p) loss chunk by chunk: the logits are never whole
     loss_chunk_tokens: int = 512  # tokens per chunk of the fused output loss
+    attention_backend: Literal["auto", "te", "flash", "torch", "local"] = "auto"  # core attention's kernels
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
-    sequence_parallel: bool = False
+    sequence_parallel: Optional[bool] = None  # null: on when tensor > 1 (resolved by validate); true/false: as set
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)
 
 
@@ -63,17 +64,22 @@ class ObjectiveConfig:
     reduction: Literal["token_mean", "sequence_mean"] = "token_mean"
     denominator: Literal["selected", "valid"] = "selected"
     # global: divide by the tokens of the whole global batch (megatron-core's per-token loss);
-    # micro_batch: per micro-batch mean, averaged over micro-batches and DP ranks (the reference trainer)
-    normalization: Literal["global", "micro_batch"] = "global"
+    # micro_batch: per micro-batch mean, averaged over micro-batches and DP ranks;
+    # micro_batch_sum: per micro-batch means summed over a rank's micro-batches for the gradient, averaged over
+    # DP, the logged loss their mean (what the reference trainer does)
+    normalization: Literal["global", "micro_batch", "micro_batch_sum"] = "global"
     adaptive_ema: float = 0.9  # adaptive_* objectives: running mean p = ema * previous + (1 - ema) * this step's
+
+
+DEFAULT_EPOCHS = 3  # passes over the data when neither train.epochs nor train.max_steps is set
 
 
 @dataclass
 class TrainConfig:
     global_batch_size: int = 256  # sequences (packed rows when data.packing) per optimizer step
     micro_batch_size: int = 1
-    epochs: int = 3
-    max_steps: Optional[int] = None  # stop early after this many steps (the schedule still spans all epochs)
+    epochs: Optional[int] = None  # null: DEFAULT_EPOCHS, or exactly max_steps steps when max_steps is set
+    max_steps: Optional[int] = None  # alone: the run's and the LR schedule's length; with epochs: stop early
     seed: int = 1234
     on_nonfinite: Literal["skip", "halt"] = "halt"  # a step whose loss or grad norm is NaN/inf
     eval_every_steps: int = 0
@@ -247,9 +253,11 @@ def validate(config: Config) -> None:
         raise ConfigError("data.train is empty: list the training files (jsonl / parquet / HF dataset directories)")
     parse_objective(config.objective.name)
     check_numbers(config)
+    if config.parallel.sequence_parallel is None:  # not set by the user: on with TP, as Megatron-LM users expect
+        config.parallel.sequence_parallel = config.parallel.tensor > 1
     t, o = config.train, config.optim
     positive = {"train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
-                "train.epochs": t.epochs, "data.max_length": config.data.max_length,
+                "train.epochs": 1 if t.epochs is None else t.epochs, "data.max_length": config.data.max_length,
                 "parallel.tensor": config.parallel.tensor, "parallel.pipeline": config.parallel.pipeline,
                 "log.every_steps": config.log.every_steps, "checkpoint.keep_last": config.checkpoint.keep_last}
     for key, value in positive.items():
@@ -279,10 +287,14 @@ FIELD_HELP = {
     "rounding); false: megatron-core's output layer, then the loss on its logits",
     "model.loss_chunk_tokens": "tokens per chunk of the fused output loss: peak extra memory is about "
     "chunk x vocab/TP x 6 bytes (bf16); smaller saves memory, larger has fewer TP all-reduces",
+    "model.attention_backend": "core attention: auto (te when Transformer Engine and CUDA are present, else flash "
+    "with flash-attn and CUDA, else torch) | te | flash (flash-attn) | torch (torch's SDPA; varlen_attn for packed "
+    "rows on CUDA) | local (megatron-core's unfused DotProductAttention)",
     "parallel.tensor": "tensor-parallel size (divides attention heads and KV heads)",
     "parallel.pipeline": "pipeline-parallel size (divides the layers)",
     "parallel.virtual_pipeline": "model chunks per pipeline rank for interleaved 1F1B (null: off)",
-    "parallel.sequence_parallel": "split norms/dropout activations over the sequence across TP ranks",
+    "parallel.sequence_parallel": "split norms/dropout activations over the sequence across TP ranks (null: on "
+    "whenever parallel.tensor > 1; set false to turn it off)",
     "parallel.distributed_optimizer": "shard Adam state over data-parallel ranks (ZeRO-1)",
     "data.train": "training files: .jsonl / .parquet, directories of them, or saved HF datasets",
     "data.eval": "held-out files; loss and mean p logged every train.eval_every_steps",
@@ -301,12 +313,16 @@ FIELD_HELP = {
     "objective.name": "f(p) spec: nll, neg_p (= p), family:<a>, <base>_above:<q>, <base>_top:<k>, ... (megatron-sft objectives)",
     "objective.reduction": "token_mean over the global batch | sequence_mean (each sequence's mean, averaged)",
     "objective.denominator": "selected: count only tokens a threshold/percentile keeps | valid: all response tokens",
-    "objective.normalization": "global: divide by the global batch's count | micro_batch: per micro-batch mean (reference trainer)",
+    "objective.normalization": "global: the global batch's token mean (independent of the micro-batch split) | "
+    "micro_batch: the mean of per-micro-batch means | micro_batch_sum: the gradient of their sum on each rank, "
+    "logged as their mean (what the reference trainer does; clipping then acts on n_micro x the gradient)",
     "objective.adaptive_ema": "adaptive_alpha / adaptive_mix: weight of the previous running mean p in its moving average",
     "train.global_batch_size": "rows per optimizer step (packed rows when data.packing)",
     "train.micro_batch_size": "rows per forward/backward on one rank; the rest is gradient accumulation",
-    "train.epochs": "passes over the data; the LR schedule spans them all",
-    "train.max_steps": "stop after this many steps (null: run all epochs)",
+    "train.epochs": "passes over the data; the LR schedule spans them all (null: 3, unless train.max_steps is set)",
+    "train.max_steps": "the run's length in steps; alone it also sets the LR schedule's length (warmup and decay fit "
+    "inside it, the data repeats as needed), as HF Trainer's max_steps does; with train.epochs set, the schedule "
+    "spans the epochs and max_steps only stops early (null: run all epochs)",
     "train.seed": "model-parallel RNG seed",
     "train.on_nonfinite": "a NaN/inf loss or gradient: halt (with a message) | skip the step",
     "train.eval_every_steps": "evaluate data.eval every N steps (0: never)",
@@ -362,3 +378,18 @@ def check_checkpoint_exists(config: Config) -> None:
     if not (path / "model_args.json").is_file():
         raise ConfigError(f"model.checkpoint {path} is not a megatron-sft checkpoint (no model_args.json); convert the "
                           "base model with `megatron-sft convert hf-to-mcore --hf HF_DIR --out CKPT`")
+
+
+def resolved_value(config, key: str) -> str:
+    """One config value as text (``all``: the whole config as YAML), for shell scripts."""
+    import json
+
+    value = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, for YAML
+    if key != "all":
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ConfigError(f"--print {key}: no such config key (see `megatron-sft train --help`)")
+            value = value[part]
+    if isinstance(value, (dict, list, tuple)):
+        return yaml.safe_dump(value, sort_keys=False).rstrip()
+    return "null" if value is None else str(value)

@@ -9,17 +9,16 @@ rounded up to a multiple of the tensor-parallel size (sequence parallelism split
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from megatron_sft.data.collate import collate
-from megatron_sft.data.formatting import FormatConfig, Formatter, TokenizeReport, tokenize_rows
+from megatron_sft.data.formatting import Formatter, TokenizeReport, tokenize_rows
 from megatron_sft.data.packing import PackedRow, pack_examples, single_rows
 from megatron_sft.data.sources import read_rows
-from megatron_sft.train.config import DataConfig
+from megatron_sft.config import Config, DataConfig
 
 
 @dataclass
@@ -31,13 +30,8 @@ class TrainingRows:
     target_tokens: int  # tokens trained on
 
 
-def format_config(data: DataConfig) -> FormatConfig:
-    """The formatting settings are the data section's keys of the same names."""
-    return FormatConfig(**{f.name: getattr(data, f.name) for f in dataclasses.fields(FormatConfig)})
-
-
 def load_rows(paths: list[str], data: DataConfig, tokenizer: Any) -> TrainingRows:
-    formatter = Formatter(tokenizer, format_config(data))
+    formatter = Formatter(tokenizer, data)
 
     def all_rows():
         for path in paths:
@@ -73,3 +67,19 @@ class BatchShape:
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def batch_shape(cfg: Config, micro_batch_size: int, pad_id: int) -> BatchShape:
+    """The micro-batch shape a run's layout needs (fixed length under pipeline parallelism)."""
+    par = cfg.parallel
+    return BatchShape(micro_batch_size, pad_id, par.tensor,
+                      round_up(cfg.data.max_length, par.tensor) if par.pipeline > 1 else None)
+
+
+def data_parallel_share(count: int, dp: int, dp_rank: int, multiple: int) -> tuple[list[int], int]:
+    """Each of ``count`` items exactly once over the DP ranks: this rank's contiguous share of indices, filled
+    up to a multiple of ``multiple`` with repeats (index modulo count), and how many of them are real (the
+    repeats must carry no loss and no statistic)."""
+    per_rank = round_up(-(-count // dp), multiple)
+    first = dp_rank * per_rank
+    return [i % count for i in range(first, first + per_rank)], max(0, min(per_rank, count - first))

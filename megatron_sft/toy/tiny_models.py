@@ -1,4 +1,4 @@
-"""Tiny random HF models (Qwen2, Llama) with a local tokenizer: what tests and the CPU default build on.
+"""Tiny random HF models (Qwen2, Llama, Qwen3) with a local tokenizer: what tests and the CPU default build on.
 
 Nothing is downloaded: the configs are written here and the tokenizer is a small word-level vocabulary
 built with the `tokenizers` library, with a chat template.
@@ -25,6 +25,9 @@ TINY_VARIANTS = {
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     )),
     "llama-tied-gqa": ("llama", dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2)),
+    # q/k RMSNorm per head, head_dim decoupled from hidden / heads (4 x 32 query width at hidden 64, as Qwen3-0.6B)
+    "qwen3-tied-gqa": ("qwen3", dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2,
+                                     head_dim=32)),
 }
 
 
@@ -66,12 +69,26 @@ def save_tiny_hf_model(path: str | Path, variant: str = "qwen2-tied-gqa", seed: 
     torch.manual_seed(seed)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, **overrides, architectures=["Qwen2ForCausalLM"]))
-    else:
+    elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, **overrides, architectures=["LlamaForCausalLM"]))
+    else:
+        model = _auto_model(arch, {**common, **overrides})
     with torch.no_grad():  # random biases (HF initialises them to zero) so the bias mapping is tested
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # likewise the q/k norms (ones)
+                param.normal_(1.0, 0.5)
     model = model.to(dtype).eval()
     model.save_pretrained(path)
     return model
+
+
+def _auto_model(model_type: str, config: dict):
+    """Any other architecture of the table, through transformers' Auto classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_sft.model.architectures import architecture
+
+    hf_config = AutoConfig.for_model(model_type, **config, architectures=[architecture(model_type).hf_class])
+    return AutoModelForCausalLM.from_config(hf_config)

@@ -41,7 +41,7 @@ def _numbers(config: Any) -> dict[str, float]:
 
 def check_numbers(config: Any) -> None:
     """Every number finite; the keys in ``_RANGES`` and the Adam betas within their ranges."""
-    from megatron_sft.train.config import ConfigError
+    from megatron_sft.config import ConfigError
 
     numbers = _numbers(config)
     for key, value in numbers.items():

@@ -1,0 +1,1 @@
+"""Tiny models and toy tasks that the demo and the continuum ship with (tests use them too)."""
