@@ -24,7 +24,6 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,9 @@ from megatron_sft.toy.hf_loop import exact_match_accuracy, pretrain_base_model, 
 from megatron_sft.toy.letter_task import LETTERS, SHIFT_BY_ONE, letter_task_rows
 
 DEFAULT_OBJECTIVES = ("nll", "neg_p", "adaptive_mix")
+# one torch thread per process: the tiny model gains little from a second, and on a shared 2-core machine two
+# threads per process spin against other processes (pre-training measured 20x slower at load 10 with two)
+WORKER_THREADS = 1
 DEFAULT_ALPHAS = (0.1, 1.0, 10.0)
 HELD_OUT_ROWS = 200
 BASE_ROWS = 400
@@ -57,16 +59,6 @@ def cipher_mapping(seed: int) -> dict[str, str]:
         mapping = dict(zip(LETTERS, image))
         if all(v != k and v != SHIFT_BY_ONE[k] for k, v in mapping.items()):
             return mapping
-
-
-def _one_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn`` with one torch thread. Why: the tiny model gains little from a second thread, and on a shared
-    2-core machine two threads per process spin against other processes (pre-training measured 20x slower at
-    load 10 with two threads than with one)."""
-    import torch
-
-    torch.set_num_threads(1)
-    return fn(*args)
 
 
 def alpha_sweep_objectives(alphas: tuple[float, ...]) -> tuple[str, ...]:
@@ -106,7 +98,8 @@ def build_base(out: Path, base_rows: list[dict[str, str]], base_steps: int, seed
     base = out / "base_hf"
     save_tiny_hf_model(base, "qwen2-tied-gqa", layers=4, hidden=128, seed=seed)
     pretrain_base_model(base, base_rows, base_steps, seed=seed)
-    return base, run_local_workers(_one_thread, 1, convert_hf_to_mcore, base, out / "base_mcore", timeout_s=600)[0]
+    return base, run_local_workers(convert_hf_to_mcore, 1, base, out / "base_mcore", timeout_s=600,
+                                   threads=WORKER_THREADS)[0]
 
 
 def probe_base(out: Path, task: ContinuumTask, base: Path, ckpt: str) -> dict[str, Any]:
@@ -118,8 +111,8 @@ def probe_base(out: Path, task: ContinuumTask, base: Path, ckpt: str) -> dict[st
     rows = sum(1 for _ in task.train_file.open())
     config = load_config(None, [f"output_dir={out / 'probe' / task.slug}", f"model.checkpoint={ckpt}",
                                 f"data.train=[{task.train_file}]"])
-    probe = run_local_workers(_one_thread, 1, probe_worker, config.to_dict(), rows, 8, str(out / "probe" / task.slug), 0,
-                              timeout_s=600)[0]
+    probe = run_local_workers(probe_worker, 1, config.to_dict(), rows, 8, str(out / "probe" / task.slug), 0,
+                              timeout_s=600, threads=WORKER_THREADS)[0]
     probe["base_em"] = exact_match_accuracy(base, task.held_out)
     probe["base_tokens"], _ = token_accuracy_and_mean_p(base, task.held_out)
     return probe
@@ -139,7 +132,7 @@ def sft_cell(out: Path, task: ContinuumTask, objective: str, ckpt: str, probe: d
         "train.global_batch_size": 16, "train.micro_batch_size": 4, "train.epochs": epochs, "optim.lr": lr,
         "optim.warmup_ratio": 0.05, "checkpoint.keep_last": 1, "log.every_steps": 1000, "log.progress_bar": "false",
         "log.tensorboard": "false"}.items()])
-    summary = run_local_workers(_one_thread, 1, train_worker, config.to_dict(), False, timeout_s=3600)[0]
+    summary = run_local_workers(train_worker, 1, config.to_dict(), False, timeout_s=3600, threads=WORKER_THREADS)[0]
     tokens, mean_p = token_accuracy_and_mean_p(summary["export"], task.held_out)
     cell = ContinuumCell(task.name, objective, probe["mean_p"], exact_match_accuracy(summary["export"], task.held_out),
                          tokens, mean_p, probe["base_em"], probe["base_tokens"], summary["steps"], summary["last_loss"],
@@ -156,7 +149,7 @@ def run_continuum(out: str | Path, objectives: tuple[str, ...] = DEFAULT_OBJECTI
     import torch
 
     started, threads = time.perf_counter(), torch.get_num_threads()
-    torch.set_num_threads(1)  # pre-training and evaluation here; the workers likewise (see _one_thread)
+    torch.set_num_threads(WORKER_THREADS)  # pre-training and evaluation here; the workers likewise
     try:
         return _run_seeds(fresh_output_dir(out, overwrite), objectives, seeds, epochs, base_steps, train_rows, lr, started)
     finally:

@@ -161,17 +161,19 @@ def _results(out_dir: str, world_size: int, expected_errors: tuple[type[BaseExce
 
 
 def run_local_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600,
-                      expected_errors: tuple[type[BaseException], ...] = (), catch_stop_signals: bool = False) -> list[Any]:
+                      expected_errors: tuple[type[BaseException], ...] = (), catch_stop_signals: bool = False,
+                      threads: Optional[int] = None) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` processes; returns the per-rank results in rank order.
 
     ``expected_errors``: exception types re-raised as they are (not wrapped with a traceback) when a worker
     raises one first. ``catch_stop_signals``: workers record SIGTERM / SIGUSR1 from their start (see
-    stop_signal.py) and the launcher holds a signal back from a worker until it can take it.
+    stop_signal.py) and the launcher holds a signal back from a worker until it can take it. ``threads``: torch
+    threads per worker (default: the CPU cores shared out over the workers).
     """
     from megatron_sft.library_warnings import quiet_library_warnings
 
     quiet_library_warnings(child_processes=True)  # PYTHONWARNINGS: workers filter the import-time warnings too
-    threads = max(1, (os.cpu_count() or 1) // world_size)
+    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory(prefix="megatron_sft_workers_") as out_dir:
         ctx = mp.start_processes(
             _worker,

@@ -39,3 +39,17 @@ def test_expected_worker_exception_is_raised_as_it_is():
     """An error the caller expects (e.g. bad input) comes back as itself, to be shown as one line."""
     with pytest.raises(ValueError, match="^deliberate failure on rank 1$"):
         run_local_workers(_fail_on_rank_one, 2, timeout_s=120, expected_errors=(ValueError,))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_workers_run_with_the_threads_asked_for():
+    """``threads``: the continuum runs its workers on one thread each; by default the cores are shared out."""
+    import os
+
+    assert run_local_workers(_torch_threads, 1, threads=1) == [1]
+    assert run_local_workers(_torch_threads, 2) == [max(1, (os.cpu_count() or 1) // 2)] * 2
