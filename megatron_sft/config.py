@@ -393,3 +393,11 @@ def resolved_value(config, key: str) -> str:
     if isinstance(value, (dict, list, tuple)):
         return yaml.safe_dump(value, sort_keys=False).rstrip()
     return "null" if value is None else str(value)
+
+
+def config_and_overrides(config: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    """The optional CONFIG positional and the overrides: a first positional ``key=value`` that is not a YAML
+    file is an override (everything given on the command line, no config file)."""
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, list(overrides)

@@ -40,11 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from megatron_sft.data.sources import DataError
     from megatron_sft.launch import local_worker_count, run_local_workers
     from megatron_sft.probe import ProbeReport, probe_worker
-    from megatron_sft.config import ConfigError, check_checkpoint_exists, load_config
+    from megatron_sft.config import ConfigError, check_checkpoint_exists, config_and_overrides, load_config
 
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
-        config_path, overrides = None, [config_path] + overrides
+    config_path, overrides = config_and_overrides(args.config, args.overrides)
     derived = [f"output_dir={args.out}"]
     if args.checkpoint:
         derived.append(f"model.checkpoint={args.checkpoint}")

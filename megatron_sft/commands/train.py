@@ -47,13 +47,11 @@ def _say_once(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_sft import stop_signal
     from megatron_sft.launch import WorkerError
-    from megatron_sft.config import load_config, resolved_value
+    from megatron_sft.config import config_and_overrides, load_config, resolved_value
     from megatron_sft.train.entry import launch_training, user_errors
     from megatron_sft.train.step import NonFiniteError
 
-    config_path, overrides = args.config, list(args.overrides)
-    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
-        config_path, overrides = None, [config_path] + overrides
+    config_path, overrides = config_and_overrides(args.config, args.overrides)
     try:
         config = load_config(config_path, overrides)
         if args.print_key:
