@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 VARIANTS = ("ours", "naive", "megatron")
 
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median reported)")
     parser.add_argument("--objective", default="neg_p", help="objective for ours and naive (megatron is always NLL)")
+    parser.add_argument("--json", type=Path, help="also write every figure and ratio here")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -106,6 +108,7 @@ def main() -> None:
     print(f"loss benchmark: {args.tokens} tokens x {args.vocab} vocab, objective {args.objective}, "
           f"{args.reps} reps, {os.cpu_count()} CPU threads")
     print(f"{'dtype':9} {'variant':9} {'fwd+bwd s':>10} {'peak GiB':>9}")
+    report = {"tokens": args.tokens, "vocab": args.vocab, "objective": args.objective, "dtypes": {}}
     for dtype in args.dtypes:
         results = {}
         for variant in VARIANTS:
@@ -120,6 +123,10 @@ def main() -> None:
               f"time ours/naive = {ours['time_s'] / naive['time_s']:.3f}   "
               f"peak ours/naive = {ours['peak_bytes'] / naive['peak_bytes']:.3f}   "
               f"peak ours/megatron = {ours['peak_bytes'] / mega['peak_bytes']:.3f}")
+        report["dtypes"][dtype] = {**results, "time_ours_over_megatron": ours["time_s"] / mega["time_s"],
+                                   "peak_ours_over_megatron": ours["peak_bytes"] / mega["peak_bytes"]}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

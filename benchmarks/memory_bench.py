@@ -2,13 +2,21 @@
 
 Each case runs in fresh processes (one, or two at TP=2 + SP on gloo): megatron-core's local spec in fp32 with
 real hidden sizes (1536 = Qwen2.5-1.5B's layer, 3584 = Qwen2.5-7B's), a few layers, the Qwen2.5 vocabulary
-(151,936, tied), the fused output loss, megatron-core DDP (fp32 grad buffers), and for the 1536 cases the
-distributed optimizer's Adam over two full steps. The measured peak is the process's peak RSS (VmHWM, reset
-after the imports and process-group set-up) above its RSS at that moment, i.e. everything the model, data,
-step and optimizer added; the prediction is memory.model.estimate for the same layout (cpu_layout). On a GPU
-the same comparison uses torch.cuda.max_memory_allocated (``--device cuda``).
+(151,936, tied), the fused output loss, megatron-core DDP (fp32 grad buffers), and where the case says so the
+distributed optimizer's Adam, over two full steps (the Adam state exists from the first step on). The measured
+peak is the process's peak RSS (VmHWM, reset after the imports and process-group set-up) above its RSS at that
+moment, i.e. everything the model, data, step and optimizer added; the prediction is memory.model.estimate for
+the same layout (cpu_layout). On a GPU the same comparison uses torch.cuda.max_memory_allocated (``--device cuda``).
 
-    python benchmarks/memory_bench.py                   # every case (needs ~14 GiB free, ~10 min on 2 cores)
+glibc: by default malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so later
+tensors below it come from the heap, and what is freed there stays resident (measured: +0.16 GiB at the peak of
+the first case, +0.3-0.5 GiB between steps). That is the CPU allocator keeping freed memory, not an
+allocation; the workers pin the threshold at 1 MiB (mallopt(M_MMAP_THRESHOLD), which also stops the dynamic
+adjustment), so every tensor above 1 MiB is its own mapping, returned on free, and RSS follows the live
+tensors as CUDA's allocated-bytes counter does. ``--glibc-default`` measures without it.
+
+    python benchmarks/memory_bench.py --max-gib 9       # every case whose processes fit 9 GiB (~25 min, 2 cores)
+    python benchmarks/memory_bench.py                   # every case (the largest needs ~23 GiB)
     python benchmarks/memory_bench.py --quick           # the two smallest cases
 """
 
@@ -56,9 +64,14 @@ class Case:
                           recompute=self.recompute, with_optimizer=self.optimizer)
 
 
-CASES = [
+CASES = [  # the first seven fit 9 GiB of processes together (predicted peak + PROCESS_GIB, times the processes)
     Case(1536, 2, 2048, 1, "none", 1, True),
     Case(1536, 2, 2048, 1, "full", 1, True),
+    Case(1536, 2, 2048, 4, "full", 1, False),
+    Case(1536, 2, 2048, 1, "none", 2, True),
+    Case(1536, 2, 2048, 2, "full", 2, True),
+    Case(1536, 2, 2048, 2, "none", 2, False),
+    Case(1536, 2, 2048, 4, "full", 2, False),
     Case(1536, 2, 2048, 4, "none", 1, True),
     Case(1536, 2, 2048, 4, "full", 1, True),
     Case(1536, 2, 2048, 2, "none", 2, True),
@@ -68,6 +81,19 @@ CASES = [
     Case(3584, 2, 2048, 2, "none", 2, False),
 ]
 QUICK = CASES[:2]
+PROCESS_GIB = 0.5  # a worker's RSS before the model (imports, process group): 0.3 GiB measured, with slack
+MMAP_THRESHOLD = 1 << 20
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """glibc's mallopt(M_MMAP_THRESHOLD, threshold): blocks above it are mapped and unmapped on free (see the
+    module doc). False where there is no glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
 
 
 def _model(case: Case, device: str):
@@ -129,10 +155,12 @@ def _step(ddp, optimizer, case: Case, device: str) -> None:
         optimizer.step()
 
 
-def measure_worker(case_dict: dict, device: str, steps: int) -> dict:
+def measure_worker(case_dict: dict, device: str, steps: int, glibc_default: bool = False) -> dict:
     """In a fresh process: the peak added by building the model and running ``steps`` steps of ``case``."""
     from megatron_sft.parallel import init_model_parallel
 
+    if device == "cpu" and not glibc_default:
+        pin_mmap_threshold()
     case = Case(**case_dict)
     init_model_parallel(case.tensor, 1)
     torch.manual_seed(0)
@@ -145,8 +173,8 @@ def measure_worker(case_dict: dict, device: str, steps: int) -> dict:
     return {"measured": measured_peak_bytes(baseline), "seconds": time.perf_counter() - start}
 
 
-def run_case(case: Case, device: str, steps: int) -> dict:
-    results = run_local_workers(measure_worker, case.tensor, asdict(case), device, steps, timeout_s=1800)
+def run_case(case: Case, device: str, steps: int, glibc_default: bool = False) -> dict:
+    results = run_local_workers(measure_worker, case.tensor, asdict(case), device, steps, glibc_default, timeout_s=1800)
     measured = max(r["measured"] for r in results)
     predicted = estimate(case.shape(), case.layout())
     return {"case": case, "measured": measured, "predicted": predicted.peak, "phase": predicted.peak_phase,
@@ -168,13 +196,20 @@ def main() -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=2, help="steps per case (the Adam state exists from the 2nd)")
     parser.add_argument("--cases", default="", help="comma-separated case numbers (0-based) of CASES to run")
+    parser.add_argument("--max-gib", type=float, default=0.0,
+                        help="skip cases whose processes together are predicted above this (peak + 0.5 GiB each)")
+    parser.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold (module doc)")
     args = parser.parse_args()
     print("| hidden | layers | tokens (b x s) | recompute | layout | step | predicted GiB | measured GiB | error | peak at |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else QUICK if args.quick else CASES
     for case in chosen:
-        result = run_case(case, args.device, args.steps)
+        need = (estimate(case.shape(), case.layout()).peak / GIB + PROCESS_GIB) * case.tensor
+        if args.max_gib and need > args.max_gib:
+            print(f"(skipped: {case} needs ~{need:.1f} GiB > --max-gib {args.max_gib:g})", flush=True)
+            continue
+        result = run_case(case, args.device, args.steps, args.glibc_default)
         worst = max(worst, abs(result["predicted"] / result["measured"] - 1))
         print(_row(result), flush=True)
     print(f"\nlargest error: {worst:.1%} (device {args.device}; peak per process, max over ranks)")

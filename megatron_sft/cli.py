@@ -11,7 +11,7 @@ from megatron_sft import __version__
 
 # imported when the parser is built (some import torch), after `train` has started recording stop signals
 COMMANDS = ("train", "convert", "prepare", "probe", "eval", "compare", "plot", "sbatch", "demo", "continuum",
-            "objectives", "selftest", "plan")
+            "objectives", "selftest", "plan", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

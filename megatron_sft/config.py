@@ -29,6 +29,13 @@ class ModelConfig:
     fused_output_loss: bool = True  # output layer + f(p) loss chunk by chunk: the logits are never whole
     loss_chunk_tokens: int = 512  # tokens per chunk of the fused output loss
     attention_backend: Literal["auto", "te", "flash", "torch", "local"] = "auto"  # core attention's kernels
+    swiglu_fusion: Optional[bool] = None  # megatron-core's fused SwiGLU (null: on with CUDA)
+    rope_fusion: Optional[bool] = None  # fused rotary embedding (null: on with CUDA and Transformer Engine)
+    masked_softmax_fusion: Optional[bool] = None  # local backend's fused softmax (null: on where its kernel exists)
+    # mixture-of-experts models only: the router's load-balancing loss weight (null: the HF config's
+    # router_aux_loss_coef, 0.001 for Qwen3-30B-A3B; 0: none) and the expert capacity factor (null: drop nothing)
+    moe_aux_loss_coeff: Optional[float] = None
+    moe_capacity_factor: Optional[float] = None
 
 
 @dataclass
@@ -38,6 +45,10 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: Optional[bool] = None  # null: on when tensor > 1 (resolved by validate); true/false: as set
     distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)
+    expert: int = 1  # expert-parallel size: a mixture of experts' experts split over this many TP x DP ranks
+    overlap_grad_reduce: bool = True  # reduce each gradient bucket during the backward (megatron-core DDP)
+    overlap_param_gather: bool = True  # distributed optimizer: all-gather updated weights during the next forward
+    bucket_size: Optional[int] = None  # gradient elements per bucket (null: megatron-core's max(4e7, 1e6 x DP))
 
 
 @dataclass
@@ -259,6 +270,7 @@ def validate(config: Config) -> None:
     positive = {"train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
                 "train.epochs": 1 if t.epochs is None else t.epochs, "data.max_length": config.data.max_length,
                 "parallel.tensor": config.parallel.tensor, "parallel.pipeline": config.parallel.pipeline,
+                "parallel.expert": config.parallel.expert,
                 "log.every_steps": config.log.every_steps, "checkpoint.keep_last": config.checkpoint.keep_last}
     for key, value in positive.items():
         if value < 1:
@@ -290,12 +302,36 @@ FIELD_HELP = {
     "model.attention_backend": "core attention: auto (te when Transformer Engine and CUDA are present, else flash "
     "with flash-attn and CUDA, else torch) | te | flash (flash-attn) | torch (torch's SDPA; varlen_attn for packed "
     "rows on CUDA) | local (megatron-core's unfused DotProductAttention)",
+    "model.swiglu_fusion": "megatron-core's fused SwiGLU (a torch.jit kernel, no Transformer Engine needed): faster, "
+    "and it keeps only its input for the backward (3 instead of 5 values of the FFN width per token); null: on "
+    "with CUDA; true without CUDA: an error",
+    "model.rope_fusion": "fused rotary position embedding (Transformer Engine's kernel); null: on with CUDA and "
+    "Transformer Engine; true without them: an error",
+    "model.masked_softmax_fusion": "fused scale + mask + softmax of the local attention backend (Apex's / "
+    "megatron's CUDA kernels); null: on where they exist; the torch, flash and te backends never use it",
+    "model.moe_aux_loss_coeff": "mixture of experts: weight of the router's load-balancing loss (megatron-core's "
+    "aux_loss, per micro-batch; logged apart from the objective as moe_aux_loss); null: the HF config's "
+    "router_aux_loss_coef (what the model was pre-trained with); 0: off (what HF's forward does unless "
+    "output_router_logits)",
+    "model.moe_capacity_factor": "mixture of experts: tokens per expert capped at factor x its even share, the "
+    "rest dropped (null: none dropped, exactly the HF model)",
     "parallel.tensor": "tensor-parallel size (divides attention heads and KV heads)",
     "parallel.pipeline": "pipeline-parallel size (divides the layers)",
     "parallel.virtual_pipeline": "model chunks per pipeline rank for interleaved 1F1B (null: off)",
     "parallel.sequence_parallel": "split norms/dropout activations over the sequence across TP ranks (null: on "
     "whenever parallel.tensor > 1; set false to turn it off)",
     "parallel.distributed_optimizer": "shard Adam state over data-parallel ranks (ZeRO-1)",
+    "parallel.expert": "expert-parallel size for mixture-of-experts models: divides the experts; the world size must "
+    "be a multiple of expert x tensor x pipeline (1 for dense models)",
+    "parallel.overlap_grad_reduce": "reduce (or, with the distributed optimizer, reduce-scatter) each gradient "
+    "bucket over data-parallel ranks as soon as its backward is done, overlapping the communication with the "
+    "rest of the backward (megatron-core DDP); false: one reduction after the last micro-batch's backward. "
+    "Same gradients either way",
+    "parallel.overlap_param_gather": "with parallel.distributed_optimizer: all-gather the updated weights bucket "
+    "by bucket during the next forward instead of right after the optimizer step (megatron-core's forward "
+    "pre-hooks); weights are gathered in full before every checkpoint. Same weights either way",
+    "parallel.bucket_size": "gradient elements per communication bucket with parallel.overlap_grad_reduce (null: "
+    "megatron-core's default, max(40M, 1M x data-parallel size)); smaller buckets start communicating earlier",
     "data.train": "training files: .jsonl / .parquet, directories of them, or saved HF datasets",
     "data.eval": "held-out files; loss and mean p logged every train.eval_every_steps",
     "data.prompt_key": "prompt column (dotted path into nested fields, e.g. extra_info.question)",

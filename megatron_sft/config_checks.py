@@ -19,6 +19,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "checkpoint.every_steps": (0.0, None, True),
     "data.max_dropped_fraction": (0.0, 1.0, True),
     "model.loss_chunk_tokens": (1.0, None, True),
+    "model.moe_aux_loss_coeff": (0.0, None, True),
+    "model.moe_capacity_factor": (0.0, None, False),
+    "parallel.bucket_size": (1.0, None, True),
 }
 
 

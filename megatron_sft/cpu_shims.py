@@ -90,6 +90,16 @@ def apply_cpu_shims() -> bool:
     return True
 
 
+def define_missing_transformer_engine_names() -> None:
+    """megatron-core's MoE router reads ``te_general_gemm`` whether or not Transformer Engine imported (its
+    ``except ImportError`` branch never defines it: NameError on the first routed token); without TE it must be
+    None, which selects the plain torch matmul. Needed on any machine without TE, CPU or GPU."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def _recompute_under_device_mode() -> None:
     """Run megatron-core's recomputed forwards under the cuda->cpu mode.
 

@@ -96,7 +96,7 @@ class _FusedOutputObjectiveLoss(torch.autograd.Function):
             h = hidden[idx]
             grad_hidden[idx] = torch.matmul(low, weight)
             _accumulate_weight_grad(grad_weight, grad, low, h)
-            del grad, low
+            del softmax, grad, low  # the next chunk must not allocate while this one is alive
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
 
 

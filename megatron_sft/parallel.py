@@ -59,8 +59,10 @@ def init_model_parallel(
     pipeline_parallel: int = 1,
     virtual_pipeline_parallel: Optional[int] = None,
     seed: int = 1234,
+    expert_parallel: int = 1,
 ) -> None:
-    """megatron-core parallel state (TP x PP x DP) plus its model-parallel RNG streams."""
+    """megatron-core parallel state (TP x PP x DP, experts split over ``expert_parallel`` of the TP x DP ranks of
+    a stage) plus its model-parallel RNG streams."""
     from megatron.core import parallel_state, tensor_parallel as mc_tp
 
     _, world = init_distributed()
@@ -69,12 +71,19 @@ def init_model_parallel(
             f"world size {world} is not divisible by tensor_parallel ({tensor_parallel}) x "
             f"pipeline_parallel ({pipeline_parallel}); launch a multiple of TP*PP processes"
         )
+    if expert_parallel < 1 or world % (tensor_parallel * pipeline_parallel * expert_parallel):
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.expert ({expert_parallel}) x tensor_parallel "
+            f"({tensor_parallel}) x pipeline_parallel ({pipeline_parallel}); launch a multiple of EP*TP*PP processes "
+            "(the experts of a stage are split over EP of its TP x DP ranks)"
+        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
     )
     mc_tp.model_parallel_cuda_manual_seed(seed)
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from megatron_sft.launch import run_local_workers
-from megatron_sft.model.architectures import (ARCHITECTURES, DENSE_TENSORS, architecture, expected_hf_shapes,
-                                              readme_table)
+from megatron_sft.model.architectures import ARCHITECTURES, architecture, expected_hf_shapes, readme_table
 from megatron_sft.model.args import ModelArgs, UnsupportedModelError
 from megatron_sft.recipes.models import get_model
 from megatron_sft.testing.architecture_check import convert_all_worker, logits_at_layouts_worker, merge_results
@@ -148,7 +147,24 @@ def test_parameter_count_is_the_hf_models(arch):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     args = ModelArgs.from_hf_config(config)
-    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == expected_hf_shapes(args)
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == _as_in_memory(expected_hf_shapes(args))
+
+
+def _as_in_memory(shapes: dict) -> dict:
+    """The checkpoint's per-expert tensors (``mlp.experts.{e}.gate_proj.weight`` ..., what save_pretrained writes
+    and the hub holds) as transformers 5 holds them in memory: ``mlp.experts.gate_up_proj`` [E, 2F, H] and
+    ``mlp.experts.down_proj`` [E, H, F]."""
+    out: dict = {}
+    for name, shape in shapes.items():
+        prefix, sep, rest = name.partition(".mlp.experts.")
+        if not sep:
+            out[name] = shape
+            continue
+        kind = rest.split(".")[1]
+        fused, rows = ("down_proj", shape[0]) if kind == "down_proj" else ("gate_up_proj", 2 * shape[0])
+        count = out.get(f"{prefix}{sep}{fused}", (0,))[0]
+        out[f"{prefix}{sep}{fused}"] = (count + (kind != "up_proj"), rows, shape[1])
+    return out
 
 
 @pytest.mark.parametrize("key", [k for k in HUB_CONFIGS])
@@ -158,6 +174,8 @@ def test_registry_matches_the_hub_config(key):
         real["num_hidden_layers"], real["hidden_size"], real["intermediate_size"], real["num_attention_heads"],
         real["num_key_value_heads"], real["vocab_size"], real["tie_word_embeddings"])
     assert spec.model_args().kv_channels == head_dim(real) and spec.family == real["model_type"]
+    assert (spec.num_experts, spec.moe_topk, spec.moe_ffn) == (
+        real.get("num_experts", 0), real.get("num_experts_per_tok", 0), real.get("moe_intermediate_size", 0))
 
 
 def test_readme_table_is_generated_from_the_architecture_table():
@@ -169,10 +187,13 @@ def test_readme_table_is_generated_from_the_architecture_table():
         "'from megatron_sft.model.architectures import readme_table; print(readme_table())'")
 
 
-def test_one_tensor_table_names_each_tensor_once():
-    assert len({r.mcore for r in DENSE_TENSORS}) == len(DENSE_TENSORS)
-    hf = [n for r in DENSE_TENSORS for n in r.hf]
-    assert len(set(hf)) == len(hf) and all(len(r.hf) == len(r.shapes) for r in DENSE_TENSORS)
+@pytest.mark.parametrize("table", sorted({a.tensors for a in ARCHITECTURES}, key=len), ids=lambda t: f"{len(t)}-rules")
+def test_one_tensor_table_names_each_tensor_once(table):
+    assert len({r.mcore for r in table}) == len(table)
+    hf = [n for r in table for n in r.hf]
+    assert len(set(hf)) == len(hf) and all(len(r.hf) == len(r.shapes) for r in table)
+    # an expert index only inside a layer, on both sides
+    assert all(r.per_layer and all("{e}" in n for n in r.hf) for r in table if r.per_expert)
 
 
 # --- what each architecture reads from its config, and what it refuses --------------------------------------
@@ -212,13 +233,16 @@ def test_anything_else_is_refused_naming_the_supported_architectures(tmp_path):
         assert arch.hf_class in str(refused.value)
 
 
-@pytest.mark.parametrize("key", ["qwen3-0.6b", "qwen3-8b", "mistral-7b-v0.3", "llama-3.2-1b", "deepseek-math-7b"])
+@pytest.mark.parametrize("key", ["qwen3-0.6b", "qwen3-8b", "mistral-7b-v0.3", "llama-3.2-1b", "deepseek-math-7b",
+                                 "qwen3-30b-a3b"])
 def test_new_registry_keys_plan_a_job(key):
     """What `megatron-sft sbatch --model KEY` plans (the library call, without the subprocess)."""
     from megatron_sft.recipes.jobs import SlurmOptions, plan_job
     from megatron_sft.recipes.sweeps import SweepRun
 
-    job = plan_job("job", "math", [SweepRun(key, "nll")], SlurmOptions(), "megatron-sft sbatch")
+    # Qwen3-30B-A3B's 30.5B weights + Adam state (18 bytes each) exceed 8 x 80 GB at the planner's 50% budget
+    nodes = 2 if get_model(key).num_experts else 1
+    job = plan_job("job", "math", [SweepRun(key, "nll")], SlurmOptions(nodes=nodes), "megatron-sft sbatch")
     (run,) = job.runs
     assert run.model.key == key and run.config["parallel"]["tensor"] == run.plan.tensor
     assert get_model(key).heads % run.plan.tensor == 0 and get_model(key).kv_heads % run.plan.tensor == 0

@@ -53,3 +53,25 @@ def test_workers_run_with_the_threads_asked_for():
 
     assert run_local_workers(_torch_threads, 1, threads=1) == [1]
     assert run_local_workers(_torch_threads, 2) == [max(1, (os.cpu_count() or 1) // 2)] * 2
+
+
+def _caller_state() -> tuple:
+    import os
+
+    print(f"worker-output-marker rank {dist.get_rank()}", flush=True)
+    return os.environ.get("MEGATRON_SFT_LAUNCH_PROBE"), os.getcwd()
+
+
+def test_workers_take_the_callers_environment_directory_and_output(tmp_path, monkeypatch, capfd):
+    """Without CUDA the workers fork from a preloaded forkserver started by an earlier call; they must still see
+    what the caller has now (environment, working directory) and write where its output goes, as spawned ones do."""
+    from megatron_sft.launch import worker_start_method
+
+    run_local_workers(_sum_of_ranks, 1)  # the forkserver, where used, is running before the changes below
+    monkeypatch.setenv("MEGATRON_SFT_LAUNCH_PROBE", "set-after-the-server-started")
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    assert run_local_workers(_caller_state, 2) == [("set-after-the-server-started", str(tmp_path))] * 2
+    out = capfd.readouterr().out
+    assert "worker-output-marker rank 0" in out and "worker-output-marker rank 1" in out
+    assert worker_start_method() == ("spawn" if torch.cuda.is_available() else "forkserver")

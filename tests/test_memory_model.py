@@ -13,8 +13,9 @@ import pytest
 
 from megatron_sft.memory.check import compare_with_measured, layout_from_config, predicted_line
 from megatron_sft.memory.model import (
-    GIB, Layout, MemoryModelError, ModelShape, cpu_layout, estimate, in_flight_microbatches, korthikanti_layer_bytes,
-    layer_activation_bytes, layer_parameters, output_backward_workspace, output_saved_bytes, stage_parameters,
+    GIB, Layout, MemoryModelError, ModelShape, cpu_layout, estimate, expert_data_parallel, expert_parameters,
+    in_flight_microbatches, korthikanti_layer_bytes, layer_activation_bytes, layer_backward_workspace, layer_parameters,
+    moe_activation_bytes, output_backward_workspace, output_saved_bytes, stage_expert_parameters, stage_parameters,
     static_terms,
 )
 from megatron_sft.memory.plan import MemoryPlanError, plan_memory
@@ -89,7 +90,8 @@ def _saved_bytes_worker(layers: int, mode: str) -> int:
     args = ModelArgs(architecture="Qwen2ForCausalLM", vocab_size=256, hidden_size=64, ffn_hidden_size=160, num_layers=layers,
                      num_attention_heads=4, num_query_groups=2, kv_channels=16, max_position_embeddings=128, norm_eps=1e-6,
                      tie_word_embeddings=False, qkv_bias=True, rope_theta=10000.0, padded_vocab_size=256)
-    model = build_gpt_model(args, build_transformer_config(args, recompute_granularity=None if mode == "none" else mode))
+    config = build_transformer_config(args, recompute_granularity=None if mode == "none" else mode)
+    model = build_gpt_model(args, config, attention_backend="local")  # the spec cpu_layout describes (not SDPA)
     tokens = torch.randint(0, 256, (MICRO, SEQ))
     mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1).expand(MICRO, 1, SEQ, SEQ).contiguous()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -148,8 +150,9 @@ def test_output_and_loss_buffers_fused_or_not():
     # fused: final norm (2h, torch norm) + the hidden copy the loss keeps + 24 bytes/token; unfused: + fp32 logits
     assert output_saved_bytes(m, fused) == 2 * t * h * 4 + t * h * 4 + 24 * t
     assert output_saved_bytes(m, unfused) == 2 * t * h * 4 + t * h * 4 + t * v * 4
-    # fused backward: fp32 weight gradient + grad_hidden + one fp32 chunk of logits
+    # fused backward: fp32 weight gradient + grad_hidden + one fp32 chunk of logits (each freed before the next)
     assert output_backward_workspace(m, fused) == v * h * 4 + t * h * 4 + 512 * v * 4
+    assert output_backward_workspace(m, replace(fused, seq=512)) == v * h * 4 + 512 * h * 4 + 512 * v * 4
     assert estimate(m, unfused).peak - estimate(m, fused).peak > 0.9 * t * v * 4
 
 
@@ -236,3 +239,112 @@ def test_a_decoupled_head_dim_reaches_the_memory_model():
 
     assert ModelShape.from_spec(get_model("qwen3-0.6b")).head_dim == 128
     assert ModelShape.from_spec(get_model("qwen2.5-7b")).head_dim == 3584 // 28
+
+
+def test_tied_output_gradient_is_held_until_the_embeddings():
+    """Measured on CPU (benchmarks/memory_bench.py): with tied embeddings the loss's [V, h] weight gradient stays
+    in autograd's input buffer through every layer's backward and the embedding's (2 x V*h*4 at its end)."""
+    lay = cpu_layout(seq=SEQ, micro_batch=MICRO)
+    tied = replace(TINY, tied_embeddings=True)
+    terms = {t.name: t for t in estimate(tied, lay).terms}
+    held = terms["tied output-layer gradient (held)"]
+    assert held.bytes == 256 * 64 * 4 and held.phase == "layers+embedding"
+    assert "tied output-layer gradient (held)" not in {t.name for t in estimate(TINY, lay).terms}
+    assert "tied output-layer gradient (held)" not in {t.name for t in estimate(tied, replace(lay, pipeline=2)).terms}
+    # the embedding phase: the held gradient + the embedding's own dense one, activations gone
+    est = estimate(tied, lay)
+    static = sum(t.bytes for t in est.terms if t.phase == "static")
+    assert est.phases["embedding"] == static + 2 * 256 * 64 * 4
+    assert estimate(TINY, lay).phases["embedding"] == sum(t.bytes for t in static_terms(TINY, lay, "only")) + 256 * 64 * 4
+    assert est.peak == max(est.phases.values())
+
+
+def test_layer_backward_frees_the_mlp_activations_before_the_attention():
+    lay = cpu_layout(seq=SEQ, micro_batch=MICRO)
+    t = SEQ * MICRO
+    mlp = 4 * 160 * t * 4 + 2 * 160 * 64 * 4
+    attention = 2 * 4 * SEQ**2 * MICRO * 4 + 3 * 64 * t * 4 - 5 * 160 * t * 4
+    assert layer_backward_workspace(TINY, lay) == max(mlp, attention) == mlp
+
+
+def test_attention_score_buffer_counts_on_gpu_only():
+    """megatron-core's global buffer for the score matmul: allocated (CUDA counts it), never written on CPU."""
+    gpu = Layout(seq=SEQ, micro_batch=MICRO, attention="materialized", tensor=2)
+    names = {t.name: t.bytes for t in static_terms(TINY, gpu, "only")}
+    assert names["attention score buffer (megatron)"] == 4 * SEQ**2 * MICRO * 2 / 2
+    assert "attention score buffer (megatron)" not in {t.name for t in static_terms(TINY, cpu_layout(seq=SEQ), "only")}
+    assert "attention score buffer (megatron)" not in {t.name for t in static_terms(TINY, Layout(seq=SEQ), "only")}
+
+
+# 8 experts of FFN 32, top-2, on TINY's attention
+MOE = replace(TINY, layers=2, num_experts=8, moe_topk=2, moe_ffn=32)
+
+
+def test_moe_parameters_by_hand():
+    assert expert_parameters(MOE) == 3 * 64 * 32 == 6144
+    # qkv 8320 + proj 4096 + norms 128 + router 8*64 + 8 experts
+    assert layer_parameters(MOE) == 8320 + 4096 + 128 + 512 + 8 * 6144 == 62208
+    lay = Layout(tensor=2, data=4, expert=2)
+    assert stage_expert_parameters(MOE, lay) == 2 * (8 / 2) * 6144 / 2 == 24576
+    # per layer: (qkv + proj + norms) / T + the router whole; + embedding and output layer / T + final norm
+    assert stage_parameters(MOE, lay, "only") == 2 * ((8320 + 4096 + 128) / 2 + 512) + 24576 + 2 * 256 * 64 / 2 + 64
+    assert expert_data_parallel(lay) == 2
+    p, pe = 54592, 24576
+    terms = {t.name: t.bytes for t in static_terms(MOE, lay, "only")}
+    assert terms == {"weights": 2 * p, "main grads (fp32)": 4 * p, "optimizer state": (p - pe) * 12 / 4 + pe * 12 / 2}
+    assert stage_parameters(replace(MOE, num_experts=0), Layout(), "only") == stage_parameters(TINY, Layout(), "only") / 2 + (
+        2 * 256 * 64 + 64) / 2  # dense again: 2 of TINY's 4 layers
+
+
+def test_moe_activations_by_hand():
+    lay = cpu_layout(seq=SEQ, micro_batch=MICRO)
+    t = SEQ * MICRO  # 64 tokens, each to 2 experts
+    router = t * 8 * (4 + 4 + 1)  # fp32 logits + probabilities + the bool routing map
+    dispatched = 2 * t * 2 * 64 * 4  # the experts' input and output, t*k rows of h
+    experts = t * 2 * 5 * 32 * 4  # SwiGLU on t*k rows of width F
+    assert moe_activation_bytes(MOE, lay) == router + dispatched + experts == 152064
+    # the MoE term replaces TINY's dense 5f; norms, attention and scores stay
+    assert layer_activation_bytes(MOE, lay) == layer_activation_bytes(TINY, lay) - 5 * 160 * t * 4 + 152064
+    # TP2 + SP: the router's tokens / 2 (sequence shard), the dispatched rows gathered (whole), experts' FFN / 2
+    sp = replace(lay, tensor=2, sequence_parallel=True)
+    assert moe_activation_bytes(MOE, sp) == router / 2 + dispatched + experts / 2
+    assert moe_activation_bytes(TINY, lay) == 0
+    assert layer_activation_bytes(MOE, lay, "full") == t * 64 * 4
+
+
+def test_moe_shape_from_spec_and_args():
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(layers=2, hidden=64, ffn_hidden=160, heads=4, kv_heads=2, vocab=250, tied_embeddings=False,
+                           head_dim=0, family="qwen3_moe", num_experts=8, moe_topk=2, moe_ffn=32)
+    shape = ModelShape.from_spec(spec)
+    assert (shape.vocab, shape.num_experts, shape.moe_topk, shape.moe_ffn, shape.qkv_bias) == (256, 8, 2, 32, False)
+    assert not ModelShape.from_spec(SimpleNamespace(**{**vars(spec), "num_experts": 0, "moe_topk": 0, "moe_ffn": 0})).is_moe
+    args = SimpleNamespace(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, num_query_groups=2,
+                           padded_vocab_size=256, vocab_size=250, tie_word_embeddings=False, kv_channels=16, qkv_bias=False,
+                           num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32)
+    assert ModelShape.from_args(args) == replace(shape, head_dim=16)
+
+
+def test_moe_layouts_are_checked():
+    with pytest.raises(MemoryModelError, match="parallel.expert=2 needs a mixture-of-experts"):
+        estimate(TINY, Layout(data=2, expert=2))
+    with pytest.raises(MemoryModelError, match="parallel.expert=4 must divide"):
+        estimate(MOE, Layout(data=2, expert=4))
+    assert "EP2" in Layout(data=2, expert=2).name()
+
+
+def test_planner_uses_expert_parallelism_for_a_mixture_of_experts():
+    from megatron_sft.recipes.models import get_model
+
+    m = ModelShape.from_spec(get_model("qwen3-30b-a3b"))
+    assert m.is_moe and m.num_experts == 128
+    plan = plan_memory(m, 1, 8, 80, 4096, 64, 1)
+    lay = plan.layout
+    assert lay.expert > 1 and m.num_experts % lay.expert == 0 and lay.data % lay.expert == 0
+    # the same layout without EP does not fit; EP shrinks the expert weights and their gradients
+    no_ep = estimate(m, replace(lay, expert=1))
+    assert not no_ep.fits(plan.budget_bytes) and no_ep.peak > plan.chosen.peak
+    assert {est.layout.expert for est, _ in plan.rejected} >= {1, 2}
+    dense = plan_memory(ModelShape.from_spec(get_model("qwen2.5-1.5b")), 1, 8, 80, 2048, 256, 4)
+    assert dense.layout.expert == 1 and all(est.layout.expert == 1 for est, _ in dense.rejected)

@@ -23,6 +23,7 @@ PUBLISHED_BILLIONS = {
     "qwen2.5-math-1.5b": 1.54, "qwen2.5-math-7b": 7.62, "qwen2.5-1.5b": 1.54, "qwen2.5-3b": 3.09,
     "qwen2.5-7b": 7.62, "qwen2.5-14b": 14.7, "qwen2.5-coder-7b": 7.61, "llama-3.1-8b": 8.03, "llama-3.2-3b": 3.21,
     "deepseek-math-7b": 6.91, "llama-3.2-1b": 1.24, "qwen3-0.6b": 0.6, "qwen3-8b": 8.2, "mistral-7b-v0.3": 7.25,
+    "qwen3-30b-a3b": 30.5,
 }
 REFERENCE_KEYS = ["qwen-2.5-math-1.5b", "qwen-2.5-math-7b", "qwen-2.5-1.5b", "qwen-2.5-7b", "qwen2.5-3b", "qwen2.5-7b",
                   "qwen2.5-14b", "qwen2.5-coder-7b", "llama-3.1-8b", "llama-3.2-3b", "deepseek-math-7b"]

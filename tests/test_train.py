@@ -72,6 +72,20 @@ def test_layout_matches_single_process(tiny, reference, layout):
         torch.testing.assert_close(weights[key], ref_weights[key], rtol=0, atol=2e-6, msg=lambda m, k=key: f"{layout} {k}: {m}")
 
 
+def test_deferred_weight_gather_completes_before_every_checkpoint(tiny, reference):
+    """parallel.overlap_param_gather defers the distributed optimizer's weight all-gather to the next forward;
+    with no evaluation forward between the last step and the save, the checkpoint must still hold every
+    rank's updated weights (equal to the single-process run's), and turning both overlaps off changes nothing."""
+    _, _, ref_weights = reference
+    for name, overrides in {"dp2_overlap_no_eval": [],
+                            "dp2_no_overlap_no_eval": ["parallel.overlap_grad_reduce=false",
+                                                       "parallel.overlap_param_gather=false"]}.items():
+        summary, _ = _run(tiny, name, 2, "train.eval_every_steps=0", *overrides)
+        weights = checkpoint_tensors(summary["checkpoint"])
+        for key in ref_weights:
+            torch.testing.assert_close(weights[key], ref_weights[key], rtol=0, atol=2e-6, msg=lambda m, k=key: f"{name} {k}: {m}")
+
+
 def test_percentile_objective_is_over_the_global_batch(tiny):
     """Top-50% by p over the global batch: 4 micro-batches on one rank == 2 micro-batches on each of 2 DP ranks
     (the cutoff comes from a forward pass over the whole step, not per micro-batch)."""

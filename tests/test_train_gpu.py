@@ -49,6 +49,24 @@ def test_first_gpu_step_matches_the_fp32_cpu_step(tiny, tmp_path, monkeypatch):
     assert abs(norm(gpu["grads"]) - norm(cpu["grads"])) <= 0.05 * norm(cpu["grads"])
 
 
+def test_fusions_change_the_first_step_only_by_rounding(tiny, tmp_path):
+    """model.*_fusion at their defaults (SwiGLU fused on any CUDA machine, RoPE with TE) against all off: the
+    same first step within bf16 rounding, in loss and gradient norm."""
+    from megatron_sft.testing.train_reference import run_first_step
+
+    root, ckpt, data = tiny
+    steps = {}
+    for name, overrides in {"fused": [], "unfused": ["model.swiglu_fusion=false", "model.rope_fusion=false",
+                                                     "model.masked_softmax_fusion=false"]}.items():
+        config = tiny_config(ckpt, data, root / f"fusions_{name}", "train.max_steps=1", "train.eval_every_steps=0",
+                             *overrides)
+        steps[name] = run_first_step(config, 1, tmp_path / f"{name}.pt")
+    fused, unfused = steps["fused"], steps["unfused"]
+    assert abs(fused["loss"] - unfused["loss"]) <= 1e-2 * abs(unfused["loss"])
+    norm = lambda grads: sum(float(g.double().pow(2).sum()) for g in grads.values()) ** 0.5  # noqa: E731
+    assert abs(norm(fused["grads"]) - norm(unfused["grads"])) <= 0.02 * norm(unfused["grads"])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None, reason="needs transformer-engine")
 def test_packed_thd_attention_matches_unpacked(tiny):
     """With TE, packed rows run as THD with cu_seqlens: every example's per-token loss equals its unpacked

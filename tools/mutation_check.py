@@ -79,8 +79,8 @@ MUTATIONS = [
              "    model.rotary_pos_emb.inv_freq = -model.rotary_pos_emb.inv_freq\n    inv_freq = args.rope_inv_freq()\n",
              [ref("one-nll-global-token_mean-none")], "rotation by -angle: attention sees positions mirrored"),
     Mutation("q_bias_dropped", "megatron_sft/convert/mapping.py",
-             'args, get(attn + "q_proj.bias"), get(attn + "k_proj.bias")',
-             'args, get(attn + "q_proj.bias") * 0, get(attn + "k_proj.bias")',
+             "        return _fuse_qkv(args, *parts)\n",
+             "        return _fuse_qkv(args, *([parts[0] * 0, *parts[1:]] if parts[0].dim() == 1 else parts))\n",
              [ref("one-nll-global-token_mean-none")], "conversion loses the q bias"),
     Mutation("loss_on_prompt_tokens", "megatron_sft/data/collate.py",
              "loss_mask[:, :-1] = (target[:, 1:].bool() & same_sequence).float()",
@@ -122,6 +122,10 @@ MUTATIONS = [
              "exported = export_hf(loop.saved, out / \"hf\", main)", "exported = export_hf(Path(cfg.model.checkpoint), out / \"hf\", main)",
              ["tests/test_train.py::test_model_only_checkpoint_and_hf_export_hold_the_trained_weights"],
              "OUTPUT/hf from the base checkpoint"),
+    Mutation("deferred_weight_gather_skipped", "megatron_sft/train/checkpointing.py",
+             "    gather_parameters(model)  # parallel.overlap_param_gather", "    # parallel.overlap_param_gather",
+             ["tests/test_train.py::test_deferred_weight_gather_completes_before_every_checkpoint"],
+             "overlap_param_gather: a checkpoint holds the previous step's weights for other ranks' shards"),
 ]
 
 

@@ -30,13 +30,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _registry_shape(key: str):
+    """The memory model's shape of a registry model (mixtures of experts included)."""
+    from megatron_sft.memory.model import ModelShape
+    from megatron_sft.recipes.models import get_model
+
+    return ModelShape.from_spec(get_model(key))
+
+
 def _shape_and_settings(args: argparse.Namespace):
     """(ModelShape, seq, global batch, micro-batch, base Layout) from the flags and, when given, the config."""
     from megatron_sft.memory.model import Layout, ModelShape
-    from megatron_sft.recipes.models import get_model
 
     seq, global_batch, micro, base = 4096, 256, 1, Layout(fused_output_loss=not args.unfused_loss)
-    shape = ModelShape.from_spec(get_model(args.model)) if args.model else None
+    shape = _registry_shape(args.model) if args.model else None
     if args.config:
         from megatron_sft.config import load_config
         from megatron_sft.model.args import ModelArgs
@@ -72,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
     lay = plan.layout
     print(f"\nset: parallel.tensor={lay.tensor} parallel.pipeline={lay.pipeline} "
           f"parallel.sequence_parallel={str(lay.sequence_parallel).lower()} train.micro_batch_size={lay.micro_batch} "
-          f"model.recompute={lay.recompute}")
+          f"model.recompute={lay.recompute}" + (f" parallel.expert={lay.expert}" if lay.expert > 1 else ""))
     return 0

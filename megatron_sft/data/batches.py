@@ -53,7 +53,7 @@ class BatchShape:
     micro_batch_size: int
     pad_id: int
     pad_to_multiple: int  # tensor-parallel size
-    fixed_length: int | None  # set under pipeline parallelism
+    fixed_length: int | None  # set under pipeline and expert parallelism
 
     def collate(self, rows: list[PackedRow]) -> dict[str, torch.Tensor]:
         return collate(rows, self.pad_id, seq_length=self.fixed_length, pad_to_multiple=self.pad_to_multiple)
@@ -70,10 +70,11 @@ def round_up(value: int, multiple: int) -> int:
 
 
 def batch_shape(cfg: Config, micro_batch_size: int, pad_id: int) -> BatchShape:
-    """The micro-batch shape a run's layout needs (fixed length under pipeline parallelism)."""
+    """The micro-batch shape a run's layout needs: fixed length under pipeline parallelism, and under expert
+    parallelism (megatron-core's allgather token dispatcher gathers equal token counts from every EP rank)."""
     par = cfg.parallel
     return BatchShape(micro_batch_size, pad_id, par.tensor,
-                      round_up(cfg.data.max_length, par.tensor) if par.pipeline > 1 else None)
+                      round_up(cfg.data.max_length, par.tensor) if par.pipeline > 1 or par.expert > 1 else None)
 
 
 def data_parallel_share(count: int, dp: int, dp_rank: int, multiple: int) -> tuple[list[int], int]:

@@ -57,12 +57,13 @@ def measured_peak_bytes(baseline: int) -> int:
 
 
 def layout_from_config(config: Any, world_size: int, on_gpu: Optional[bool] = None) -> Layout:
-    """The memory-model layout of a training Config on ``world_size`` ranks: the GPU path (bf16; flash
-    attention and fused norms with Transformer Engine) or the CPU path (fp32, local spec)."""
+    """The memory-model layout of a training Config on ``world_size`` ranks: the GPU path (bf16; scores kept
+    only by the local attention backend, fused norms and Adam with Transformer Engine, the SwiGLU fusion unless
+    turned off) or the CPU path (fp32, no fusions)."""
     par, train = config.parallel, config.train
     dp = max(1, world_size // (par.tensor * par.pipeline))
     settings = dict(
-        tensor=par.tensor, pipeline=par.pipeline, data=dp, virtual=par.virtual_pipeline,
+        tensor=par.tensor, pipeline=par.pipeline, data=dp, expert=getattr(par, "expert", 1) or 1, virtual=par.virtual_pipeline,
         sequence_parallel=par.tensor > 1 if par.sequence_parallel is None else par.sequence_parallel,
         seq=config.data.max_length, micro_batch=train.micro_batch_size,
         num_microbatches=max(1, train.global_batch_size // (train.micro_batch_size * dp)),
@@ -73,7 +74,11 @@ def layout_from_config(config: Any, world_size: int, on_gpu: Optional[bool] = No
     if not on_gpu:
         return cpu_layout(**settings)
     te = importlib.util.find_spec("transformer_engine") is not None
-    return Layout(attention="flash" if te else "materialized", fused_norm=te, fused_adam=te, **settings)
+    backend = config.model.attention_backend
+    backend = ("te" if te else "torch") if backend == "auto" else backend  # flash-attn, when found, keeps no scores either
+    swiglu = config.model.swiglu_fusion is not False  # null: on with CUDA (model/fusions.py)
+    return Layout(attention="materialized" if backend == "local" else "flash", fused_norm=te, fused_adam=te,
+                  fused_swiglu=swiglu, **settings)
 
 
 def predicted_line(config: Any, model_args: Any, world_size: Optional[int] = None) -> tuple[str, Estimate]:

@@ -2,8 +2,9 @@
 
 Order of preference (first that fits wins): no recomputation, then selective, then full (recomputation costs
 ~1/3 more compute for full); within one recompute mode the least model parallelism (TP inside a node first,
-it needs NVLink, then pipeline stages); within one layout the largest micro-batch up to the requested one
-that splits the global batch over the DP ranks. A layout fits when its peak (memory.model.estimate) is
+it needs NVLink, then pipeline stages); for a mixture of experts, at each TP x PP the least expert parallelism
+(EP dividing the experts and the DP ranks: it shards the experts, not the tokens); within one layout the largest
+micro-batch up to the requested one that splits the global batch over the DP ranks. A layout fits when its peak (memory.model.estimate) is
 within the GPU's memory less ``HEADROOM`` (CUDA context, NCCL buffers, allocator fragmentation).
 """
 
@@ -48,6 +49,13 @@ def candidate_layouts(m: ModelShape, nodes: int, gpus_per_node: int) -> list[tup
     return sorted(pairs, key=lambda p: (p[0] * p[1], p[1]))
 
 
+def expert_parallel_sizes(m: ModelShape, dp: int) -> list[int]:
+    """EP sizes to try, smallest first: 1 for a dense model, else the powers of two dividing the experts and DP."""
+    if not m.is_moe:
+        return [1]
+    return [ep for ep in (1, 2, 4, 8, 16, 32, 64, 128) if m.num_experts % ep == 0 and dp % ep == 0]
+
+
 def plan_memory(m: ModelShape, nodes: int, gpus_per_node: int, gpu_memory_gib: float, seq: int, global_batch: int,
                 micro_batch: int = 1, base: Optional[Layout] = None) -> MemoryPlan:
     """The preferred layout that fits (module doc); every other evaluated layout comes back as rejected."""
@@ -61,9 +69,9 @@ def plan_memory(m: ModelShape, nodes: int, gpus_per_node: int, gpu_memory_gib: f
         for tp, pp in candidate_layouts(m, nodes, gpus_per_node):
             dp = world // (tp * pp)
             micros = _micro_batches(global_batch, dp, micro_batch) if global_batch % dp == 0 else []
-            for micro in micros:
-                lay = replace(base, tensor=tp, pipeline=pp, data=dp, sequence_parallel=tp > 1, seq=seq, micro_batch=micro,
-                              num_microbatches=global_batch // (micro * dp), recompute=recompute)
+            for ep, micro in [(ep, micro) for ep in expert_parallel_sizes(m, dp) for micro in micros]:
+                lay = replace(base, tensor=tp, pipeline=pp, data=dp, expert=ep, sequence_parallel=tp > 1, seq=seq,
+                              micro_batch=micro, num_microbatches=global_batch // (micro * dp), recompute=recompute)
                 try:
                     est = estimate(m, lay)
                 except MemoryModelError:

@@ -7,6 +7,8 @@ and a tiny config shaped like a real model (real vocabulary, head dim, rope; 2 l
 tests. ONE tensor table (:data:`DENSE_TENSORS`) names every checkpoint tensor on both sides; it drives
 HF -> mcore, mcore -> HF, the expected-shape check and the parameter count, so a name is written once.
 Adding an architecture is one entry here and its tests (``tests/test_architectures.py`` runs every entry).
+A mixture-of-experts entry (Qwen3-MoE) has its own table (:data:`QWEN3_MOE_TENSORS`) whose expert tensors carry
+an expert index ``{e}`` beside the layer index ``{i}``: the same expansion names each expert's tensors.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class TensorRule:
-    """One megatron-core tensor and the HF tensor(s) it is made of; ``{i}`` stands for the layer number.
+    """One megatron-core tensor and the HF tensor(s) it is made of; ``{i}`` stands for the layer number and
+    ``{e}`` for the expert number (megatron-core's SequentialMLP ``local_experts``, all of them at EP=1).
 
     ``shapes`` gives each HF tensor's shape in named dimensions (h hidden, q query rows = heads x head_dim,
-    kv KV rows, d head_dim, ffn, vocab); ``fuse`` says how the HF tensors combine (copy, qkv grouped per KV
-    head, gate_up stacked, vocab rows padded); ``when`` names the ModelArgs flag the tensor exists under."""
+    kv KV rows, d head_dim, ffn, vocab, experts, moe_ffn per expert); ``fuse`` says how the HF tensors combine
+    (copy, qkv grouped per KV head, gate_up stacked, vocab rows padded); ``when`` names the ModelArgs flag the
+    tensor exists under."""
 
     mcore: str
     hf: tuple[str, ...]
@@ -36,6 +40,10 @@ class TensorRule:
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.mcore
+
+    @property
+    def per_expert(self) -> bool:
+        return "{e}" in self.mcore
 
 
 _L, _A = "decoder.layers.{i}.", "model.layers.{i}."
@@ -57,6 +65,19 @@ DENSE_TENSORS: tuple[TensorRule, ...] = (
     TensorRule("output_layer.weight", ("lm_head.weight",), (("vocab", "h"),), "vocab", "untied"),
 )
 
+# Qwen3-MoE: every layer's MLP is a router and experts (hub names per expert; transformers 5 fuses them in memory
+# and writes them back per expert); the rest is DENSE_TENSORS
+_X = _A + "mlp.experts.{e}."
+MOE_MLP_TENSORS: tuple[TensorRule, ...] = (
+    TensorRule(_L + "mlp.router.weight", (_A + "mlp.gate.weight",), (("experts", "h"),)),
+    TensorRule(_L + "mlp.experts.local_experts.{e}.linear_fc1.weight", (_X + "gate_proj.weight", _X + "up_proj.weight"),
+               (("moe_ffn", "h"), ("moe_ffn", "h")), "gate_up"),
+    TensorRule(_L + "mlp.experts.local_experts.{e}.linear_fc2.weight", (_X + "down_proj.weight",), (("h", "moe_ffn"),)),
+)
+QWEN3_MOE_TENSORS: tuple[TensorRule, ...] = tuple(
+    rule for dense in DENSE_TENSORS
+    for rule in ((dense,) if ".mlp." not in dense.mcore else MOE_MLP_TENSORS if "fc1" in dense.mcore else ()))
+
 ROPE_TYPES = ("default", "llama3", "linear")  # HF's inverse frequencies with attention scaling 1
 
 
@@ -76,6 +97,8 @@ class Architecture:
     rope_types: tuple[str, ...] = ROPE_TYPES
     tested_layouts: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (2, 2))  # (TP, PP)
     tensors: tuple[TensorRule, ...] = field(default=DENSE_TENSORS, repr=False)
+    moe: bool = False  # every layer's MLP is megatron-core's MoELayer (router + SequentialMLP experts)
+    tested_expert_layouts: tuple[tuple[int, int], ...] = ()  # (TP, EP) the MoE tests run
 
 
 def _tiny(hf_class: str, model_type: str, **config: Any) -> dict[str, Any]:
@@ -121,6 +144,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                           max_position_embeddings=32768, rms_norm_eps=1e-05, rope_theta=1000000.0,
                           sliding_window=None, tie_word_embeddings=False, torch_dtype="bfloat16"),
         shaped_like="mistral-7b-v0.3"),
+    Architecture(  # shaped like Qwen3-30B-A3B (untied, head_dim 128, q/k norm, 128 experts top-8 -> 8 top-2 here)
+        "Qwen3MoeForCausalLM", "qwen3_moe", (("Qwen3-30B-A3B", False),),
+        qkv_bias=False, qk_norm=True, decoupled_head_dim=True, moe=True, tensors=QWEN3_MOE_TENSORS,
+        tiny_config=_tiny("Qwen3MoeForCausalLM", "qwen3_moe", hidden_size=256, intermediate_size=512,
+                          moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001,
+                          output_router_logits=False, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                          vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-06, rope_theta=1000000.0,
+                          rope_scaling=None, attention_bias=False, sliding_window=None, max_window_layers=48,
+                          use_sliding_window=False, tie_word_embeddings=False, torch_dtype="bfloat16"),
+        shaped_like="qwen3-30b-a3b", tested_layouts=((1, 1), (2, 1), (2, 2)),
+        tested_expert_layouts=((1, 2), (2, 1), (2, 2), (1, 4))),
 )
 
 
@@ -161,28 +196,39 @@ def _applies(rule: TensorRule, args: Any) -> bool:
     return not rule.when or bool(getattr(args, rule.when))
 
 
-def tensor_rules(args: Any) -> Iterator[tuple[TensorRule, Optional[int]]]:
-    """(rule, layer) for every tensor of a model with ``args``, in checkpoint order: the tensors before the
-    layers, each layer's in table order, then the ones after (layer None outside the layers)."""
+Slot = Optional[tuple[int, ...]]  # (layer,) or (layer, expert); None outside the layers
+
+
+def tensor_rules(args: Any) -> Iterator[tuple[TensorRule, Slot]]:
+    """(rule, slot) for every tensor of a model with ``args``, in checkpoint order: the tensors before the
+    layers, each layer's in table order (an expert rule once per expert), then the ones after (slot None outside
+    the layers)."""
     rules = [r for r in architecture(args.architecture).tensors if _applies(r, args)]
     first = next(n for n, r in enumerate(rules) if r.per_layer)
     layer_rules = [r for r in rules if r.per_layer]
+    experts = range(getattr(args, "num_moe_experts", 0) or 0)
     yield from ((r, None) for r in rules[:first] if not r.per_layer)
     for i in range(args.num_layers):
-        yield from ((r, i) for r in layer_rules)
+        for r in layer_rules:
+            yield from (((r, (i, e)) for e in experts) if r.per_expert else ((r, (i,)),))
     yield from ((r, None) for r in rules[first:] if not r.per_layer)
 
 
-def named(template: str, layer: Optional[int]) -> str:
-    """A table name with its layer number filled in."""
-    return template if layer is None else template.replace("{i}", str(layer))
+def named(template: str, slot: Slot | int) -> str:
+    """A table name with its layer (and expert) number filled in."""
+    if slot is None:
+        return template
+    layer, *expert = (slot,) if isinstance(slot, int) else slot
+    name = template.replace("{i}", str(layer))
+    return name.replace("{e}", str(expert[0])) if expert else name
 
 
 def dimensions(args: Any) -> dict[str, int]:
     """The named dimensions of :class:`TensorRule` shapes for ``args`` (ModelArgs)."""
     d = args.kv_channels
     return {"h": args.hidden_size, "d": d, "q": args.num_attention_heads * d, "kv": args.num_query_groups * d,
-            "ffn": args.ffn_hidden_size, "vocab": args.vocab_size}
+            "ffn": args.ffn_hidden_size, "vocab": args.vocab_size,
+            "experts": getattr(args, "num_moe_experts", 0), "moe_ffn": getattr(args, "moe_ffn_hidden_size", 0)}
 
 
 def expected_hf_shapes(args: Any) -> dict[str, tuple[int, ...]]:
@@ -192,14 +238,18 @@ def expected_hf_shapes(args: Any) -> dict[str, tuple[int, ...]]:
             for rule, layer in tensor_rules(args) for name, shape in zip(rule.hf, rule.shapes)}
 
 
-def parameter_count(args: Any) -> int:
-    """Parameters of the HF model (a tied LM head counted once), from the same table as the conversion."""
-    total = 0
-    for shape in expected_hf_shapes(args).values():
-        count = 1
-        for size in shape:
-            count *= size
-        total += count
+def parameter_count(args: Any, active: bool = False) -> int:
+    """Parameters of the HF model (a tied LM head counted once), from the same table as the conversion;
+    ``active``: those one token runs through (of a mixture of experts, only the top-k experts' weights)."""
+    dims, total = dimensions(args), 0
+    for rule, slot in tensor_rules(args):
+        if active and rule.per_expert and slot[1] >= args.moe_router_topk:
+            continue  # every expert has the same size: count the first top-k
+        for shape in rule.shapes:
+            count = 1
+            for size in shape:
+                count *= dims[size]
+            total += count
     return total
 
 
@@ -217,11 +267,12 @@ def _tied_cell(arch: Architecture) -> str:
 def readme_table() -> str:
     """The README's architecture table, generated from :data:`ARCHITECTURES` (a test keeps them equal)."""
     rows = ["| architecture | example models | tied embeddings | GQA | qkv bias | qk-norm | head_dim | rope scaling | "
-            "tested layouts (TP x PP) |", "|---|---|---|---|---|---|---|---|---|"]
+            "tested layouts (TP x PP) | mixture of experts (tested TP x EP) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in ARCHITECTURES:
+        moe = f"yes ({', '.join(f'{tp}x{ep}' for tp, ep in a.tested_expert_layouts)})" if a.moe else "no"
         rows.append(" | ".join([
             f"| `{a.hf_class}` (`{a.model_type}`)", ", ".join(m for m, _ in a.examples), _tied_cell(a), "yes",
             _yes_no(a.qkv_bias), "RMSNorm per head" if a.qk_norm else "no",
             "from config" if a.decoupled_head_dim else "hidden / heads", ", ".join(a.rope_types),
-            ", ".join(f"{tp}x{pp}" for tp, pp in a.tested_layouts)]) + " |")
+            ", ".join(f"{tp}x{pp}" for tp, pp in a.tested_layouts), moe]) + " |")
     return "\n".join(rows) + "\n"

@@ -76,6 +76,23 @@ def _refuse_unmapped(config: Any, arch: Architecture) -> None:
     _refuse_sliding_window(config, arch.sliding_window_always_on)
 
 
+def _moe_settings(config: Any, arch: Architecture) -> dict[str, Any]:
+    """The ModelArgs MoE fields of a Qwen3-MoE config: every layer sparse (``decoder_sparse_step`` 1, no
+    ``mlp_only_layers``), as in every released Qwen3-MoE; the dense-layer mixes are refused, not mapped."""
+    if not arch.moe:
+        return {}
+    dense = list(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", 1)
+    if dense or step != 1:
+        raise UnsupportedModelError(
+            f"{arch.hf_class} with dense MLP layers (mlp_only_layers={dense}, decoder_sparse_step={step}) is not "
+            "supported: megatron-sft builds every layer as a mixture of experts (mlp_only_layers [] and "
+            "decoder_sparse_step 1, as in Qwen3-30B-A3B)")
+    return dict(num_moe_experts=config.num_experts, moe_router_topk=config.num_experts_per_tok,
+                moe_ffn_hidden_size=config.moe_intermediate_size, moe_norm_topk_prob=bool(config.norm_topk_prob),
+                moe_aux_loss_coeff=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0))
+
+
 @dataclass
 class ModelArgs:
     architecture: str  # HF class name, e.g. Qwen2ForCausalLM
@@ -96,6 +113,13 @@ class ModelArgs:
     torch_dtype: str = "bfloat16"
     hf_config: dict[str, Any] = field(default_factory=dict)  # the full HF config, written back on export
     qk_layernorm: bool = False  # Qwen3's q_norm/k_norm (RMSNorm per head); absent from older model_args.json
+    # mixture of experts (Qwen3-MoE; 0 experts: dense): experts per layer, experts per token, each expert's FFN
+    # width, whether the top-k probabilities are renormalised to sum to 1, and HF's router_aux_loss_coef
+    num_moe_experts: int = 0
+    moe_router_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_norm_topk_prob: bool = False
+    moe_aux_loss_coeff: float = 0.0
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "ModelArgs":
@@ -122,7 +146,23 @@ class ModelArgs:
             padded_vocab_size=-(-config.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE,
             torch_dtype=str(dtype).replace("torch.", ""),
             hf_config=config.to_dict(),
+            **_moe_settings(config, arch),
         )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts > 0
+
+    def check_expert_parallel(self, expert_parallel: int) -> None:
+        """``parallel.expert`` must split this model's experts evenly (1 for a dense model)."""
+        if expert_parallel == 1:
+            return
+        if not self.is_moe:
+            raise ValueError(f"parallel.expert={expert_parallel} needs a mixture-of-experts model; "
+                             f"{self.architecture} is dense: set parallel.expert=1")
+        if self.num_moe_experts % expert_parallel:
+            raise ValueError(f"parallel.expert={expert_parallel} does not divide the {self.num_moe_experts} experts of "
+                             f"this model; choose a divisor of {self.num_moe_experts}")
 
     def check_tensor_parallel(self, tensor_parallel: int) -> None:
         for what, count in (("attention heads", self.num_attention_heads), ("KV heads", self.num_query_groups)):

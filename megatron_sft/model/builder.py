@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_sft.cpu_shims import cpu_transformer_config_overrides
+from megatron_sft.cpu_shims import cpu_transformer_config_overrides, define_missing_transformer_engine_names
 from megatron_sft.model.args import ModelArgs
 from megatron_sft.model.attention_backends import (  # noqa: F401  (transformer_engine_available: re-exported)
     core_attention_module,
@@ -32,15 +32,24 @@ def build_transformer_config(
     recompute_granularity: Optional[str] = None,
     perform_initialization: bool = True,
     cpu_initialization: bool = False,
+    expert_parallel: int = 1,
+    moe_aux_loss_coeff: float = 0.0,
+    moe_capacity_factor: Optional[float] = None,
+    fusions: Optional[dict[str, bool]] = None,
 ):
     """TransformerConfig for ``args``.
 
     ``perform_initialization=False`` skips random init before a load; ``cpu_initialization`` keeps the
-    weights in host memory even on a GPU machine (conversion).
+    weights in host memory even on a GPU machine (conversion). A mixture of experts is split over
+    ``expert_parallel`` ranks and always runs with sequence parallelism at TP > 1 (megatron-core's MoELayer
+    refuses to train without it); ``moe_aux_loss_coeff`` and ``moe_capacity_factor`` as in :func:`moe_settings`.
+    ``fusions``: TransformerConfig fusion flags (model/fusions.py; all off when not given, and always on CPU).
     """
     from megatron.core.transformer import TransformerConfig
 
     args.check_tensor_parallel(tensor_parallel)
+    args.check_expert_parallel(expert_parallel)
+    sequence_parallel = sequence_parallel or args.is_moe
     on_gpu = torch.cuda.is_available()
     dtype = params_dtype or (torch.bfloat16 if on_gpu else torch.float32)
     kwargs = dict(
@@ -70,6 +79,9 @@ def build_transformer_config(
         recompute_method="uniform" if recompute_granularity == "full" else None,
         recompute_num_layers=1 if recompute_granularity == "full" else None,
         perform_initialization=perform_initialization,
+        expert_model_parallel_size=expert_parallel,
+        **moe_settings(args, moe_aux_loss_coeff, moe_capacity_factor),
+        **(fusions or {}),
     )
     if not on_gpu:
         kwargs.update(cpu_transformer_config_overrides())
@@ -77,6 +89,28 @@ def build_transformer_config(
     elif cpu_initialization:
         kwargs["use_cpu_initialization"] = True
     return TransformerConfig(**kwargs)
+
+
+def moe_settings(args: ModelArgs, aux_loss_coeff: float = 0.0, capacity_factor: Optional[float] = None) -> dict:
+    """megatron-core's MoE settings that reproduce HF's Qwen3-MoE block exactly (empty for a dense model).
+
+    HF routes with softmax over all experts, top-k, then (``norm_topk_prob``) divides by the top-k sum. That is
+    megatron-core's top-k on the logits then softmax over the k (``moe_router_pre_softmax`` False: exp(l_i) /
+    sum_topk exp(l_j) is the same ratio); without renormalising it is softmax then top-k (pre-softmax, no
+    scaling factor). No capacity factor: no token is dropped, as in HF. The allgather dispatcher runs on gloo
+    (the alltoall one creates CUDA streams); SequentialMLP runs anywhere (grouped GEMM needs CUDA kernels). The
+    load-balancing loss is on only with a coefficient > 0 (megatron's ``aux_loss``, per micro-batch)."""
+    if not args.is_moe:
+        return {}
+    define_missing_transformer_engine_names()
+    return dict(
+        num_moe_experts=args.num_moe_experts, moe_router_topk=args.moe_router_topk,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_router_score_function="softmax",
+        moe_router_pre_softmax=not args.moe_norm_topk_prob, moe_router_topk_scaling_factor=None,
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coeff, moe_expert_capacity_factor=capacity_factor,
+        moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+    )
 
 
 def build_gpt_model(
@@ -98,7 +132,8 @@ def build_gpt_model(
         attention_backend = "te" if use_transformer_engine else "local"
     backend = resolve_attention_backend(attention_backend)
     if backend == "te":
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                                           qk_layernorm=config.qk_layernorm)
     else:
         spec = _local_block_spec(config, vp_stage, core_attention_module(backend))
     model = GPTModel(
@@ -151,7 +186,8 @@ def _local_block_spec(config, vp_stage: Optional[int], core_attention=None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    layer = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                     normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     layer.submodules.input_layernorm = SequenceParallelTorchNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     if config.qk_layernorm:  # Qwen3's per-head q/k RMSNorm; finalize_model_grads sums its grads over TP

@@ -91,8 +91,9 @@ def build_model_for_current_layout(
     perform_initialization: bool = False,
     cpu_initialization: bool = False,
     attention_backend: str = "auto",
+    moe_capacity_factor: Optional[float] = None,
 ):
-    """GPTModel for this rank's place in megatron-core's TP x PP layout (parallel state must be set up);
+    """GPTModel for this rank's place in megatron-core's TP x PP (x EP) layout (parallel state must be set up);
     ``attention_backend`` as ``model.attention_backend`` (probe and conversion checks: auto)."""
     from megatron.core import parallel_state as ps
 
@@ -100,10 +101,12 @@ def build_model_for_current_layout(
         args,
         tensor_parallel=ps.get_tensor_model_parallel_world_size(),
         pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
+        expert_parallel=ps.get_expert_model_parallel_world_size(),
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         perform_initialization=perform_initialization,
         cpu_initialization=cpu_initialization,
+        moe_capacity_factor=moe_capacity_factor,
     )
     return build_gpt_model(
         args, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),

@@ -1,4 +1,4 @@
-"""Base models of the paper and the ones users fine-tune (Qwen3, Mistral, Llama 3.2). The canonical key is the HF repo's name in lower case (``qwen2.5-math-1.5b`` for
+"""Base models of the paper and the ones users fine-tune (Qwen3, Qwen3-MoE, Mistral, Llama 3.2). The canonical key is the HF repo's name in lower case (``qwen2.5-math-1.5b`` for
 ``Qwen/Qwen2.5-Math-1.5B``; ``deepseek-math-7b`` without the repo's ``-base``; ``mistral-7b-v0.3``, alias ``mistral-7b``, for
 Mistral-7B-v0.3); the reference implementation's
 spellings (``qwen-2.5-math-1.5b`` ...) are aliases, accepted wherever a key is read.
@@ -31,7 +31,7 @@ class UnknownModelError(KeyError):
 class ModelSpec:
     keys: tuple[str, ...]  # first: the canonical key; the rest are accepted aliases
     hf_id: str
-    family: str  # the architecture table's model_type: qwen2 | llama | qwen3 | mistral
+    family: str  # the architecture table's model_type: qwen2 | llama | qwen3 | mistral | qwen3_moe
     layers: int
     hidden: int
     ffn_hidden: int
@@ -43,6 +43,11 @@ class ModelSpec:
     template: str = "chat"
     plain_template: str = "{prompt}\n"
     head_dim: int = 0  # 0: hidden / heads; Qwen3 sets its own (kv_channels)
+    # mixture of experts (0: dense): experts per layer, experts per token, each expert's FFN width (ffn_hidden
+    # is then the config's unused dense intermediate_size); the names the memory model's ModelShape uses
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn: int = 0
 
     @property
     def key(self) -> str:
@@ -56,13 +61,19 @@ class ModelSpec:
             num_layers=self.layers, num_attention_heads=self.heads, num_query_groups=self.kv_heads,
             kv_channels=self.head_dim or self.hidden // self.heads, max_position_embeddings=0, norm_eps=0.0,
             tie_word_embeddings=self.tied_embeddings, qkv_bias=arch.qkv_bias, rope_theta=0.0,
-            qk_layernorm=arch.qk_norm,
+            qk_layernorm=arch.qk_norm, num_moe_experts=self.num_experts, moe_router_topk=self.moe_topk,
+            moe_ffn_hidden_size=self.moe_ffn, moe_norm_topk_prob=bool(self.num_experts),
         )
 
     @property
     def parameters(self) -> int:
         """Parameter count from the architecture table's tensors (the ones the converter reads)."""
         return parameter_count(self.model_args())
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token runs through (of a mixture of experts: its top-k experts only)."""
+        return parameter_count(self.model_args(), active=True)
 
 
 def _qwen(keys: tuple[str, ...], hf_id: str, layers: int, hidden: int, ffn: int, heads: int, kv: int, vocab: int,
@@ -99,6 +110,8 @@ MODELS: tuple[ModelSpec, ...] = (
            102400, False, llama3_format=False),
     _qwen3(("qwen3-0.6b",), "Qwen/Qwen3-0.6B", 28, 1024, 3072, 16, 8, 151936, True),
     _qwen3(("qwen3-8b",), "Qwen/Qwen3-8B", 36, 4096, 12288, 32, 8, 151936, False),
+    ModelSpec(("qwen3-30b-a3b",), "Qwen/Qwen3-30B-A3B", "qwen3_moe", 48, 2048, 6144, 32, 4, 151936, False, head_dim=128,
+              num_experts=128, moe_topk=8, moe_ffn=768),
     ModelSpec(("mistral-7b-v0.3", "mistral-7b"), "mistralai/Mistral-7B-v0.3", "mistral", 32, 4096, 14336, 32, 8, 32768,
               False, template="plain", plain_template=MISTRAL_PLAIN_TEMPLATE),
 )

@@ -33,6 +33,7 @@ class ParallelPlan:
     reason: str
     recompute: str = "none"  # model.recompute chosen with the layout (memory-model plans)
     memory_table: str = ""  # the memory model's per-GPU terms and rejected alternatives (memory-model plans)
+    expert: int = 1  # parallel.expert (a mixture of experts, from a memory model that plans expert parallelism)
 
     @property
     def sequence_parallel(self) -> bool:
@@ -75,21 +76,23 @@ def plan_parallel(model: ModelSpec, nodes: int, gpus_per_node: int, gpu_memory_g
 
 def plan_with_memory_model(model: ModelSpec, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
                            global_batch_size: int, micro_batch_size: int, seq: int) -> ParallelPlan:
-    """megatron_sft.memory.plan's choice (activations, logits, recompute included) as a ParallelPlan."""
+    """megatron_sft.memory.plan's choice (activations, logits, recompute, expert parallelism included) as a
+    ParallelPlan."""
     from megatron_sft.memory.model import GIB, ModelShape
     from megatron_sft.memory.plan import MemoryPlanError, format_plan, plan_memory
 
+    shape = ModelShape.from_spec(model)
     try:
-        plan = plan_memory(ModelShape.from_spec(model), nodes, gpus_per_node, gpu_memory_gib, seq, global_batch_size,
-                           micro_batch_size)
+        plan = plan_memory(shape, nodes, gpus_per_node, gpu_memory_gib, seq, global_batch_size, micro_batch_size)
     except MemoryPlanError as err:
         raise PlanError(f"{model.key}: {err}") from None
     lay = plan.layout
     static = sum(t.bytes for t in plan.chosen.terms if t.phase == "static") / GIB
     reason = (f"{model.parameters / 1e9:.2f}B parameters at {seq} tokens per row: predicted peak {plan.chosen.peak / GIB:.1f} "
-              f"GiB per GPU at TP{lay.tensor} PP{lay.pipeline} DP{lay.data}, micro-batch {lay.micro_batch}, recompute "
+              f"GiB per GPU at TP{lay.tensor} PP{lay.pipeline} DP{lay.data}{f' EP{lay.expert}' if lay.expert > 1 else ''}, micro-batch {lay.micro_batch}, recompute "
               f"{lay.recompute} (budget {plan.budget_bytes / GIB:.0f} GiB of {gpu_memory_gib:g})")
-    return ParallelPlan(lay.tensor, lay.pipeline, lay.data, lay.micro_batch, static, reason, lay.recompute, format_plan(plan))
+    return ParallelPlan(lay.tensor, lay.pipeline, lay.data, lay.micro_batch, static, reason, lay.recompute, format_plan(plan),
+                        lay.expert)
 
 
 def fit_micro_batch(global_batch_size: int, micro_batch_size: int, data_parallel: int) -> int:

@@ -42,7 +42,7 @@ def recipe_config(dataset: str, model_key: str, objective: str, plan: ParallelPl
         "output_dir": f"{runs_root}/{run_name(dataset, model.key, objective)}",
         "model": {"checkpoint": f"{checkpoint_root}/{model.key}", "recompute": "none"},
         "parallel": {"tensor": plan.tensor, "pipeline": plan.pipeline, "sequence_parallel": plan.sequence_parallel,
-                     "distributed_optimizer": True},
+                     "distributed_optimizer": True, **({"expert": plan.expert} if plan.expert > 1 else {})},
         "data": data,
         "objective": {"name": canonical_spec(objective)},
         "train": {"global_batch_size": settings.global_batch_size or recipe.global_batch_size,

@@ -75,9 +75,21 @@ DEEPSEEK_MATH_7B = {  # deepseek-ai/deepseek-math-7b-base config.json (Llama arc
     "vocab_size": 102400,
 }
 
+QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B config.json: every layer a mixture of 128 experts, 8 per token
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+    "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768, "norm_topk_prob": True,
+    "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+    "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
 HUB_CONFIGS = {"qwen2.5-1.5b": QWEN25_15B, "llama-3.1-8b": LLAMA31_8B, "llama-3.2-1b": LLAMA32_1B,
                "qwen3-0.6b": QWEN3_06B, "qwen3-8b": QWEN3_8B, "mistral-7b-v0.3": MISTRAL_7B_V03,
-               "deepseek-math-7b": DEEPSEEK_MATH_7B}
+               "deepseek-math-7b": DEEPSEEK_MATH_7B, "qwen3-30b-a3b": QWEN3_30B_A3B}
 
 
 def head_dim(config: dict[str, Any]) -> int:

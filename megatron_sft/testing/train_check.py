@@ -11,15 +11,16 @@ from megatron_sft.train.entry import train_worker  # noqa: F401 - the workers th
 from megatron_sft.config import Config, load_config
 
 
-def make_tiny_run_inputs(root: Path, rows: int = 48, layers: int = 4) -> tuple[Path, Path]:
-    """(megatron checkpoint of a tiny random Qwen2 with 4 layers, train.jsonl of the shift task)."""
+def make_tiny_run_inputs(root: Path, rows: int = 48, layers: int = 4, variant: str = "qwen2-tied-gqa") -> tuple[Path, Path]:
+    """(megatron checkpoint of a tiny random model (``variant`` of toy.tiny_models; Qwen2 by default) with 4 layers,
+    train.jsonl of the shift task)."""
     from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
     from megatron_sft.toy.files import write_jsonl
     from megatron_sft.toy.letter_task import shift_task_rows
     from megatron_sft.launch import run_local_workers
     from megatron_sft.toy.tiny_models import save_tiny_hf_model
 
-    save_tiny_hf_model(root / "hf", "qwen2-tied-gqa", layers=layers, hidden=64, seed=0)
+    save_tiny_hf_model(root / "hf", variant, layers=layers, hidden=64, seed=0)
     run_local_workers(convert_hf_to_mcore, 1, root / "hf", root / "ckpt", timeout_s=300)  # own process group
     return root / "ckpt", write_jsonl(root / "train.jsonl", shift_task_rows(rows, seed=5))
 

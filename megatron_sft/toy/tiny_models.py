@@ -1,4 +1,4 @@
-"""Tiny random HF models (Qwen2, Llama, Qwen3) with a local tokenizer: what tests and the CPU default build on.
+"""Tiny random HF models (Qwen2, Llama, Qwen3, Qwen3-MoE) with a local tokenizer: what tests and the CPU default build on.
 
 Nothing is downloaded: the configs are written here and the tokenizer is a small word-level vocabulary
 built with the `tokenizers` library, with a chat template.
@@ -28,6 +28,11 @@ TINY_VARIANTS = {
     # q/k RMSNorm per head, head_dim decoupled from hidden / heads (4 x 32 query width at hidden 64, as Qwen3-0.6B)
     "qwen3-tied-gqa": ("qwen3", dict(tie_word_embeddings=True, num_attention_heads=4, num_key_value_heads=2,
                                      head_dim=32)),
+    # Qwen3-MoE: every layer's MLP is 4 experts of width 32, top-2 renormalised (as Qwen3-30B-A3B's 128 top-8)
+    "qwen3-moe-untied": ("qwen3_moe", dict(tie_word_embeddings=False, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                                           router_aux_loss_coef=0.001)),
 }
 
 

@@ -33,7 +33,7 @@ from megatron_sft.model.checkpoint import (
 from megatron_sft.parallel import barrier
 from megatron_sft.train.checkpoint_integrity import write_manifest
 from megatron_sft.model.checkpoint import chunks_sharded_state_dict
-from megatron_sft.train.model_setup import TrainingModel
+from megatron_sft.train.model_setup import TrainingModel, gather_parameters
 from megatron_sft.train.save_guard import NoSpaceError, check_free_space, checkpoint_bytes, guarded_write
 
 OPTIMIZER_DIR = "optimizer"
@@ -88,6 +88,7 @@ def save_training_checkpoint(
 ) -> Path:
     """Collective. Returns the final directory. A manifest (sizes, CRC-32s) is written last, before the
     atomic ``latest`` update; a save that does not fit raises :class:`NoSpaceError` with ``latest`` kept."""
+    gather_parameters(model)  # parallel.overlap_param_gather: the last step's weights, not the step before's
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
     tmp = temporary_sibling(final)

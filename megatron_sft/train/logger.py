@@ -32,9 +32,12 @@ def peak_flops() -> Optional[float]:
 
 def flops_per_token(args: ModelArgs, mean_sequence_length: float) -> float:
     """Training FLOPs per token: 6 x (matmul parameters) + causal attention scores/values (fwd + bwd)."""
-    from megatron_sft.train.model_setup import count_parameters
+    from megatron_sft.model.architectures import parameter_count
 
-    _, matmul_params = count_parameters(args)
+    # the parameters one token runs through (a mixture of experts: its top-k experts), from the architecture
+    # table; the input embedding is a lookup, not a matmul, but the LM head's matmul always runs (tied or not)
+    embedding = args.vocab_size * args.hidden_size
+    matmul_params = parameter_count(args, active=True) - (0 if args.tie_word_embeddings else embedding)
     attention = 6 * args.num_layers * args.num_attention_heads * args.kv_channels * mean_sequence_length
     return 6 * matmul_params + attention
 
@@ -114,6 +117,8 @@ def format_line(step: int, total: int, epoch: float, m: dict[str, Any]) -> str:
         parts.append(f"objective {m['objective']}")
     if m.get("selected_fraction") is not None and m["selected_fraction"] < 1.0:
         parts.append(f"selected {m['selected_fraction']:.3f}")
+    if m.get("moe_aux_loss") is not None:
+        parts.append(f"moe_aux_loss {m['moe_aux_loss']:.4g}")
     if "lr" in m:
         parts.append(f"lr {m['lr']:.3e}")
     if m.get("grad_norm") is not None:

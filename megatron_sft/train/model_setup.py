@@ -15,10 +15,13 @@ import torch
 
 from megatron_sft.fused_output_loss import install_fused_output_layer
 from megatron_sft.model.args import ModelArgs
+from megatron_sft.model.attention_backends import resolve_attention_backend
 from megatron_sft.model.builder import build_gpt_model, build_transformer_config
+from megatron_sft.model.fusions import resolve_fusions
 from megatron_sft.model.checkpoint import MODEL_DIR, load_weights as load_checkpoint_weights, read_model_args
 from megatron_sft.parallel import current_device
-from megatron_sft.config import Config, OptimConfig
+from megatron_sft.train.preflight import check_experts
+from megatron_sft.config import Config, OptimConfig, ParallelConfig
 
 
 @dataclass
@@ -43,11 +46,16 @@ def build_model_chunks(cfg: Config, load_weights: bool = True) -> tuple[ModelArg
 
     args = read_model_args(cfg.model.checkpoint)
     par = cfg.parallel
+    check_experts(args, cfg)
     tconfig = build_transformer_config(
         args,
         tensor_parallel=par.tensor,
         pipeline_parallel=par.pipeline,
         virtual_pipeline_parallel=par.virtual_pipeline,
+        expert_parallel=par.expert,
+        moe_aux_loss_coeff=moe_aux_loss_coeff(cfg, args),
+        moe_capacity_factor=cfg.model.moe_capacity_factor,
+        fusions=resolve_fusions(cfg.model, resolve_attention_backend(cfg.model.attention_backend)),
         sequence_parallel=par.sequence_parallel,
         recompute_granularity=None if cfg.model.recompute == "none" else cfg.model.recompute,
         # always: megatron-core tags tensor-parallel weights (tensor_model_parallel, partition_dim) only while
@@ -75,14 +83,25 @@ def build_model_chunks(cfg: Config, load_weights: bool = True) -> tuple[ModelArg
     return args, tconfig, modules
 
 
-def wrap_in_ddp(tconfig, modules: list, distributed_optimizer: bool) -> list:
-    """megatron-core DDP around each chunk: contiguous fp32 grad buffers, replicas identical across DP."""
+def moe_aux_loss_coeff(cfg: Config, args: ModelArgs) -> float:
+    """The load-balancing loss weight: ``model.moe_aux_loss_coeff``, else the HF config's router_aux_loss_coef
+    (0 for a dense model)."""
+    if not args.is_moe:
+        return 0.0
+    return args.moe_aux_loss_coeff if cfg.model.moe_aux_loss_coeff is None else cfg.model.moe_aux_loss_coeff
+
+
+def wrap_in_ddp(tconfig, modules: list, par: ParallelConfig) -> list:
+    """megatron-core DDP around each chunk: contiguous fp32 grad buffers, replicas identical across DP; bucketed
+    gradient reduction overlapped with the backward and weight all-gathers with the forward when configured."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=distributed_optimizer,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather and par.distributed_optimizer,
+        bucket_size=par.bucket_size,
+        use_distributed_optimizer=par.distributed_optimizer,
         check_for_nan_in_grad=False,  # non-finite steps are handled by the trainer (skip or halt)
     )
     chunks = [
@@ -134,28 +153,24 @@ def build_training_model(cfg: Config, total_steps: int, load_weights: bool = Tru
     from megatron.core.distributed import finalize_model_grads
 
     args, tconfig, modules = build_model_chunks(cfg, load_weights)
-    chunks = wrap_in_ddp(tconfig, modules, cfg.parallel.distributed_optimizer)
+    chunks = wrap_in_ddp(tconfig, modules, cfg.parallel)
     optimizer = build_optimizer(cfg.optim, tconfig, chunks, cfg.parallel.distributed_optimizer)
     scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.grad_scale_func = optimizer.scale_loss
     tconfig.no_sync_func = [chunk.no_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    if cfg.parallel.overlap_grad_reduce:  # each chunk's reduction starts after its last micro-batch's backward
+        tconfig.grad_sync_func = [chunk.start_grad_sync for chunk in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync
     return TrainingModel(args=args, chunks=chunks, optimizer=optimizer, scheduler=scheduler, config=tconfig,
                          loss_chunk_tokens=cfg.model.loss_chunk_tokens if cfg.model.fused_output_loss else 0)
 
 
-def count_parameters(args: ModelArgs) -> tuple[int, int]:
-    """(all parameters, parameters excluding the input embedding) of the full (unsharded) model."""
-    h, f, layers = args.hidden_size, args.ffn_hidden_size, args.num_layers
-    kv = args.num_query_groups * args.kv_channels
-    q = args.num_attention_heads * args.kv_channels
-    attention = h * (q + 2 * kv) + q * h + (q + 2 * kv if args.qkv_bias else 0)
-    mlp = 3 * h * f
-    per_layer = attention + mlp + 2 * h
-    embedding = args.vocab_size * h
-    head = 0 if args.tie_word_embeddings else args.vocab_size * h
-    body = layers * per_layer + h
-    return body + embedding + head, body + args.vocab_size * h  # the LM head matmul always runs
+def gather_parameters(model: TrainingModel) -> None:
+    """Complete the weights' all-gather that ``parallel.overlap_param_gather`` defers to the next forward, so
+    that what is read now (a checkpoint, an export) is the updated weights on every rank. A no-op otherwise."""
+    for chunk in model.chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 def set_train_mode(model: TrainingModel, training: bool) -> None:

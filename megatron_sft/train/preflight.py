@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from megatron_sft.parallel import under_launcher
+from megatron_sft.train.run_lock import check_not_in_use
+from megatron_sft.model.fusions import resolve_fusions
 from megatron_sft.data.source_checks import check_data_source
 from megatron_sft.model.args import ModelArgs
 from megatron_sft.model.attention_backends import resolve_attention_backend
@@ -40,6 +43,24 @@ def check_layout(args: ModelArgs, config: Config, nproc: Optional[int], launched
         raise ConfigError(f"{launched or f'--nproc {nproc}'} is not a multiple of parallel.tensor x parallel.pipeline "
                           f"= {tp * pp}; launch a multiple of {tp * pp} processes (e.g. --nproc {tp * pp}) or lower "
                           "parallel.tensor / parallel.pipeline")
+    check_experts(args, config, nproc, launched)
+
+
+def check_experts(args: ModelArgs, config: Config, nproc: Optional[int] = None, launched: Optional[str] = None) -> None:
+    """parallel.expert against the model's experts and the process count; a mixture of experts at TP > 1 needs
+    sequence parallelism (megatron-core's MoELayer refuses to train without it)."""
+    par = config.parallel
+    try:
+        args.check_expert_parallel(par.expert)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.is_moe and par.tensor > 1 and par.sequence_parallel is False:
+        raise ConfigError(f"parallel.sequence_parallel=false with parallel.tensor={par.tensor}: megatron-core trains a "
+                          "mixture of experts at TP > 1 only with sequence parallelism; remove the override (null: on)")
+    ranks = par.expert * par.tensor * par.pipeline
+    if nproc is not None and nproc % ranks:
+        raise ConfigError(f"{launched or f'--nproc {nproc}'} is not a multiple of parallel.expert x parallel.tensor x "
+                          f"parallel.pipeline = {ranks}; launch a multiple of {ranks} processes or lower parallel.expert")
 
 
 def process_count(nproc: Optional[int]) -> tuple[int, str]:
@@ -107,9 +128,12 @@ def preflight(config: Config, nproc: Optional[int] = None, resume: bool = False)
     """Before any worker starts: no checkpoints are overwritten without --resume, the optional packages asked
     for import, the model checkpoint is readable, the layout fits the model and the process count, and every
     data path exists and holds rows. ``nproc``: local workers to spawn (None: this process, or the launcher's)."""
+    if not under_launcher():
+        check_not_in_use(config.output_dir)
     check_existing_checkpoints(config, resume)
     check_optional_packages(config)
-    resolve_attention_backend(config.model.attention_backend)  # te / flash asked for where they cannot run
+    backend = resolve_attention_backend(config.model.attention_backend)  # te / flash asked for where they cannot run
+    resolve_fusions(config.model, backend)  # a fusion set to true where its kernel is missing
     check_checkpoint_exists(config)
     world, launched = process_count(nproc)
     check_layout(_model_args(config.model.checkpoint), config, world, launched)

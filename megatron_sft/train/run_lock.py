@@ -26,6 +26,11 @@ class RunLockedError(RuntimeError):
     """Another live run holds the output directory."""
 
 
+def _in_use(directory: Path, holder: str) -> RunLockedError:
+    return RunLockedError(f"{directory} is in use by another run ({holder}); wait for it to finish or stop it, "
+                          "or choose another output_dir")
+
+
 class RunLock:
     """An acquired lock; :meth:`release` (or the process's end) frees it."""
 
@@ -41,10 +46,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
-            raise RunLockedError(
-                f"{self.path.parent} is in use by another run ({holder}); wait for it to finish or stop it, "
-                "or choose another output_dir"
-            ) from None
+            raise _in_use(self.path.parent, holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
@@ -67,3 +69,20 @@ def lock_for_training(output_dir: str | Path, rank: int) -> Optional[RunLock]:
     if rank != 0 or lock_held_by_launcher(output_dir):
         return None
     return RunLock(output_dir).acquire()
+
+
+def check_not_in_use(output_dir: str | Path) -> None:
+    """Refuse at once (RunLockedError naming the holder) when another live run holds ``output_dir``: checked
+    first, so that a directory in use is reported as such rather than by what that run has written there. Only
+    for a single launcher: under torchrun/Slurm a probe on one rank could meet rank 0's own lock."""
+    path = Path(output_dir) / LOCK_FILE
+    if not path.exists() or lock_held_by_launcher(output_dir):
+        return
+    fd = os.open(path, os.O_RDONLY)  # a probe: it writes nothing, a refused run changes nothing
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+        raise _in_use(path.parent, holder) from None
+    finally:
+        os.close(fd)

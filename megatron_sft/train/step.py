@@ -54,6 +54,30 @@ class StepResult:
     stats: dict = field(default_factory=dict)
     objective: str = ""  # the objective this step trained with (adaptive ones resolve per step)
     adaptive_parameter: Optional[float] = None  # its alpha / mixture weight, for adaptive objectives
+    moe_aux_loss: Optional[float] = None  # the router's load-balancing loss (unweighted), mixture of experts only
+
+
+def _clear_moe_aux_loss() -> None:
+    """Forget what megatron-core's aux-loss tracker holds (e.g. from a forward-only pass of this step)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
+
+
+def _moe_aux_loss(num_layers: int, micro_batches: int) -> Optional[float]:
+    """Collective. The step's load-balancing loss as Megatron-LM logs it (``load_balancing_loss``, before its
+    coefficient): per layer summed over the micro-batches by megatron-core's tracker, reduced over PP, TP and
+    DP, averaged over layers and micro-batches; None when the model computed none (dense, or coefficient 0)."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks)
+
+    name = "load_balancing_loss"
+    if name not in get_moe_layer_wise_logging_tracker():
+        return None
+    reduce_aux_losses_tracker_across_ranks([name])
+    value = float(get_moe_layer_wise_logging_tracker()[name]["values"].sum()) / (num_layers * micro_batches)
+    clear_aux_losses_tracker()
+    return value
 
 
 class StepRunner:
@@ -86,7 +110,9 @@ class StepRunner:
         def forward_step(data_iterator, chunk):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
             batch, attention_mask, packed = attention_inputs(batch, self.use_thd)
-            output = chunk(batch["tokens"], batch["position_ids"], attention_mask, packed_seq_params=packed)
+            # a mixture of experts' load-balancing loss counts real tokens only (padding differs across layouts)
+            padding = {"padding_mask": batch["sequence_ids"] < 0} if self.model.args.is_moe else {}
+            output = chunk(batch["tokens"], batch["position_ids"], attention_mask, packed_seq_params=packed, **padding)
 
             def loss_func(logits: torch.Tensor):  # the hidden states [b, s, h] with the fused output loss
                 out = self._objective_loss(chunk, logits, batch, objective)
@@ -189,7 +215,11 @@ class StepRunner:
         zero_grads(model)
         objective = self._step_objective(micro_batches)
         sink: list[torch.Tensor] = []
+        moe = model.args.is_moe
+        if moe:
+            _clear_moe_aux_loss()
         self._run(micro_batches, self._forward_step(objective, sink), forward_only=False)
+        aux_loss = _moe_aux_loss(model.args.num_layers, len(micro_batches)) if moe else None
         stats = self._reduce_stats(sink)
         loss = self._loss_value(stats)
         if self._dump_gradients_to:  # before clipping and the optimizer step
@@ -226,6 +256,7 @@ class StepRunner:
             stats=stats,
             objective=objective.spec,
             adaptive_parameter=parameter,
+            moe_aux_loss=aux_loss,
         )
 
     def evaluate(self, micro_batches: list[dict]) -> dict[str, float]:

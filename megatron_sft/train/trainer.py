@@ -205,6 +205,7 @@ def _start_up_lines(cfg: Config, layout: _Layout, run: _RunData, model: Training
     epochs = run.total_steps / run.sampler.steps_per_epoch
     lines.append(f"layout: {layout.world} ranks = TP {par.tensor} x PP {par.pipeline}"
                  f"{f' (x{par.virtual_pipeline} virtual)' if par.virtual_pipeline else ''} x DP {layout.dp}"
+                 f"{f' ({model.args.num_moe_experts} experts over EP {par.expert})' if model.args.is_moe else ''}"
                  f"{', SP' if par.sequence_parallel and par.tensor > 1 else ''}; attention "
                  f"{getattr(model.modules[0], 'attention_backend', cfg.model.attention_backend)}"
                  f"{' (auto)' if cfg.model.attention_backend == 'auto' else ''}; {layout.micro_batches} micro-batches of "
@@ -237,6 +238,8 @@ def _step_metrics(result, throughput: _Throughput) -> dict:
                "skipped": result.skipped}
     if result.adaptive_parameter is not None:
         metrics.update(objective=result.objective, adaptive_parameter=result.adaptive_parameter)
+    if result.moe_aux_loss is not None:  # apart from the objective's loss, which it is not part of
+        metrics["moe_aux_loss"] = result.moe_aux_loss
     return metrics
 
 
@@ -277,7 +280,7 @@ def _train(cfg: Config, resume: bool) -> TrainSummary:
     quiet_library_warnings()
     rank, world = init_distributed()
     par = cfg.parallel
-    init_model_parallel(par.tensor, par.pipeline, par.virtual_pipeline, seed=cfg.train.seed)
+    init_model_parallel(par.tensor, par.pipeline, par.virtual_pipeline, seed=cfg.train.seed, expert_parallel=par.expert)
     torch.manual_seed(cfg.train.seed)
     main, out = rank == 0, Path(cfg.output_dir)
     existing = _resume_checkpoint(cfg, resume, main)
