@@ -26,9 +26,14 @@ class RunLockedError(RuntimeError):
     """Another live run holds the output directory."""
 
 
-def _in_use(directory: Path, holder: str) -> RunLockedError:
-    return RunLockedError(f"{directory} is in use by another run ({holder}); wait for it to finish or stop it, "
-                          "or choose another output_dir")
+def _lock_or_refuse(fd: int, directory: Path) -> None:
+    """Take the exclusive lock on ``fd`` without waiting; RunLockedError naming the holder if another has it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+        raise RunLockedError(f"{directory} is in use by another run ({holder}); wait for it to finish or stop it, "
+                             "or choose another output_dir") from None
 
 
 class RunLock:
@@ -42,11 +47,10 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # close-on-exec: children do not inherit it
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            _lock_or_refuse(fd, self.path.parent)
+        except RunLockedError:
             os.close(fd)
-            raise _in_use(self.path.parent, holder) from None
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
@@ -80,9 +84,6 @@ def check_not_in_use(output_dir: str | Path) -> None:
         return
     fd = os.open(path, os.O_RDONLY)  # a probe: it writes nothing, a refused run changes nothing
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-        raise _in_use(path.parent, holder) from None
+        _lock_or_refuse(fd, path.parent)
     finally:
         os.close(fd)
