@@ -116,8 +116,10 @@ def run_ours(root: Path, seq: int, steps: int, warmup: int, backend: str, rows_p
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records), "peak_bytes": _peak_bytes()}
 
 
-def _hf_step(model, optimizer, batch: list, pad: int, device: str) -> int:
-    """One optimizer step of the transformers loop over ``batch`` (a list of micro-batches); its tokens."""
+def hf_step(model, optimizer, batch: list, pad: int, device: str) -> int:
+    """One optimizer step of the transformers loop over ``batch`` (a list of micro-batches of formatted
+    examples), padded per micro-batch: HF forward, log_softmax + gather for p, mean(1 - p) over the step's
+    response tokens, clipping at 1.0, AdamW. Returns its non-padding tokens (train_bench.py uses it too)."""
     tokens = 0
     counts = sum(sum(e.target_mask[1:]) for micro in batch for e in micro)
     for micro in batch:
@@ -154,7 +156,7 @@ def run_transformers(root: Path, seq: int, steps: int, warmup: int, micro_batch:
             budget -= sum(len(e) for e in micro)
             batch.append(micro)
         started = time.perf_counter()
-        tokens = _hf_step(model, optimizer, batch, pad, device)
+        tokens = hf_step(model, optimizer, batch, pad, device)
         if device == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from gpu_train_bench import hf_step  # the same transformers step, beside this script
+
 
 def reference_tokens_per_s(hf_dir: Path, rows_file: Path, max_length: int, micro: int, global_batch: int,
                            steps: int, warmup: int, lr: float) -> float:
@@ -44,25 +46,10 @@ def reference_tokens_per_s(hf_dir: Path, rows_file: Path, max_length: int, micro
     cursor = 0
     for step in range(warmup + steps):
         started = time.perf_counter()
-        tokens = 0
         batch_rows = [examples[(cursor + i) % len(examples)] for i in range(global_batch)]
         cursor += global_batch
-        counts = sum(sum(e.target_mask[1:]) for e in batch_rows)
-        for start in range(0, global_batch, micro):
-            chunk = batch_rows[start : start + micro]
-            width = max(len(e) for e in chunk)
-            ids = torch.tensor([e.input_ids + [tokenizer.pad_token_id] * (width - len(e)) for e in chunk], device=device)
-            mask = torch.tensor([e.target_mask + [0] * (width - len(e)) for e in chunk], device=device)
-            attention = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in chunk], device=device)
-            tokens += int(attention.sum())
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-            logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            trained = mask[:, 1:].bool()
-            loss = ((1 - logp.exp()) * trained).sum() / counts
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [batch_rows[start:start + micro] for start in range(0, global_batch, micro)]
+        tokens = hf_step(model, optimizer, micro_batches, tokenizer.pad_token_id, device)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if step >= warmup:
