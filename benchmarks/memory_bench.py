@@ -139,8 +139,9 @@ def _step(ddp, optimizer, case: Case, device: str) -> None:
         hidden = chunk(tokens[:, :-1].contiguous(), position_ids, mask)
 
         def loss_func(output):
-            out = fused_output_objective_loss(output, fused_output_weight(chunk), tokens[:, 1:], "nll",
-                                              vocab_size=VOCAB, chunk_tokens=512)
+            weight, tied_here = fused_output_weight(chunk)
+            out = fused_output_objective_loss(output, weight, tokens[:, 1:], "nll", vocab_size=VOCAB, chunk_tokens=512,
+                                              weight_gets_other_gradient=tied_here)
             loss = out.per_token_loss.sum() / out.per_token_loss.numel()
             return loss, {"loss": loss.detach()}
 

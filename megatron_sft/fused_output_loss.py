@@ -15,8 +15,10 @@ chunk's logits and applies ``grad_logits = g * w * (softmax - onehot)`` (the tar
 reduction (token mean, sequence mean, ...) is exact; grad_h = grad_logits @ W, grad_W += grad_logits^T h.
 Recomputing costs one more matmul per chunk than keeping the logits: the price of never holding them.
 
-Peak extra memory: one chunk's fp32 [chunk, V/tp] and its copy in the input dtype, plus fp32 grad_W for
-bf16 weights. The caller gathers the sequence-parallel hidden states (or marks them for the TP all-reduce of
+The weight gradient goes straight into megatron-core DDP's fp32 ``main_grad`` buffer when the weight has one
+(megatron-core's gradient-accumulation-fusion contract, see :func:`_weight_grad_for_autograd`), so no
+[V/tp, h] gradient is allocated; without DDP it is accumulated in fp32 and returned. Peak extra memory: one
+chunk's fp32 [chunk, V/tp] and its copy in the input dtype. The caller gathers the sequence-parallel hidden states (or marks them for the TP all-reduce of
 their gradient) exactly as megatron-core's ColumnParallelLinear would: :func:`output_layer_input`.
 """
 
@@ -50,7 +52,7 @@ class _FusedOutputObjectiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, valid: Tensor, objective: Objective,  # type: ignore[override]
                 vocab_size: Optional[int], tp_group: Optional[dist.ProcessGroup],
-                select_group: Optional[dist.ProcessGroup], chunk_tokens: int):
+                select_group: Optional[dist.ProcessGroup], chunk_tokens: int, weight_gets_other_gradient: bool):
         tp_rank, _ = _group_rank_and_size(tp_group)
         partition = weight.size(0)
         start = tp_rank * partition
@@ -75,17 +77,19 @@ class _FusedOutputObjectiveLoss(torch.autograd.Function):
         loss = torch.where(selected, objective.value(logp, log1mp), zero)
         token_weight = torch.where(selected, objective.weight(logp, log1mp), zero)
         ctx.save_for_backward(hidden, weight, target, token_weight, shift, log1mp.exp())
-        ctx.settings = (start, partition, pad_from, tp_group, chunk_tokens)
+        ctx.settings = (start, partition, pad_from, tp_group, chunk_tokens, weight_gets_other_gradient)
         ctx.mark_non_differentiable(p, selected)
         return loss, p, selected
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_p: Tensor, _grad_selected: Tensor):  # type: ignore[override]
         hidden, weight, target, token_weight, shift, one_minus_p = ctx.saved_tensors
-        start, partition, pad_from, tp_group, chunk_tokens = ctx.settings
+        start, partition, pad_from, tp_group, chunk_tokens, weight_gets_other_gradient = ctx.settings
         scale = token_weight * grad_loss.float()
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        main_grad = getattr(weight, "main_grad", None)  # megatron-core DDP's gradient buffer for this weight
+        grad_weight = main_grad if main_grad is not None else torch.zeros(weight.shape, dtype=torch.float32,
+                                                                          device=weight.device)
         rows = (scale != 0).nonzero().squeeze(-1)  # tokens without gradient cost nothing
         for begin in range(0, rows.numel(), chunk_tokens):
             idx = rows[begin:begin + chunk_tokens]
@@ -97,7 +101,31 @@ class _FusedOutputObjectiveLoss(torch.autograd.Function):
             grad_hidden[idx] = torch.matmul(low, weight)
             _accumulate_weight_grad(grad_weight, grad, low, h)
             del softmax, grad, low  # the next chunk must not allocate while this one is alive
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
+        if main_grad is None:
+            weight_grad_out = grad_weight.to(weight.dtype)
+        else:
+            weight_grad_out = _weight_grad_for_autograd(weight, weight_gets_other_gradient)
+        return grad_hidden, weight_grad_out, None, None, None, None, None, None, None, None
+
+
+def _weight_grad_for_autograd(weight: Tensor, gets_other_gradient: bool) -> Optional[Tensor]:
+    """What autograd receives for a weight whose gradient is already in its DDP ``main_grad``.
+
+    megatron-core DDP adds ``param.grad`` into ``main_grad`` in a hook that runs when autograd accumulates the
+    parameter's gradient, unless ``grad_added_to_main_grad`` is set; that hook also marks the gradient bucket
+    ready, which ``overlap_grad_reduce`` waits for. So, as megatron-core's own fused weight-gradient layers do:
+    - the weight gets no other gradient (untied, or the last stage of a pipeline): an uninitialised stand-in
+      (zeros where megatron asks for them, ``zero_out_wgrad``) with ``grad_added_to_main_grad`` set, so the
+      hook runs but adds nothing; it is dropped right after;
+    - a tied embedding on this stage: None. The embedding's gradient arrives at the same parameter at the end
+      of the backward and its hook adds that to ``main_grad`` as usual; no [V/tp, h] gradient waits in
+      autograd through the layers' backward."""
+    if gets_other_gradient:
+        return None
+    if hasattr(weight, "grad_added_to_main_grad"):
+        weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 WGRAD_BLOCK_ROWS = 16384  # vocabulary rows per low-precision weight-gradient matmul (bounds its temporary)
@@ -127,6 +155,7 @@ def fused_output_objective_loss(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     tp_group: Optional[dist.ProcessGroup] | object = _DEFAULT,
     select_group: Optional[dist.ProcessGroup] | object = _DEFAULT,
+    weight_gets_other_gradient: bool = False,
 ) -> LossOutput:
     """f(p) per target token from hidden states and this TP rank's output weight shard, logits never whole.
 
@@ -138,6 +167,8 @@ def fused_output_objective_loss(
         objective, loss_mask, ignore_index, vocab_size, tp_group, select_group: as
             :func:`megatron_sft.loss.vocab_parallel_objective_loss`, whose outputs this returns.
         chunk_tokens: tokens per chunk; peak extra memory is chunk_tokens x V/tp x (4 + dtype) bytes.
+        weight_gets_other_gradient: the weight is also used elsewhere in this backward (a tied embedding on
+            the same stage); matters only when it has a DDP ``main_grad`` (:func:`_weight_grad_for_autograd`).
     """
     objective, tp_group, select_group = resolve_objective_and_groups(objective, tp_group, select_group)
     if hidden.shape[:-1] != target.shape or hidden.size(-1) != weight.size(-1):
@@ -150,7 +181,7 @@ def fused_output_objective_loss(
     valid = valid_target_mask(target, loss_mask, ignore_index, full_vocab)
     loss, p, selected = _FusedOutputObjectiveLoss.apply(
         hidden.reshape(-1, hidden.size(-1)), weight, target.reshape(-1), valid.reshape(-1), objective, vocab_size,
-        tp_group, select_group, chunk_tokens)
+        tp_group, select_group, chunk_tokens, weight_gets_other_gradient)
     shape = target.shape
     return LossOutput(per_token_loss=loss.view(shape), p=p.view(shape), valid=valid, selected=selected.view(shape))
 
@@ -199,19 +230,22 @@ def install_fused_output_layer(gpt_model: torch.nn.Module) -> None:
         if runtime_gather_output:
             raise ValueError("the fused output loss returns no logits; build the model without it for inference")
         used["weight"] = layer.weight if weight is None else weight
+        embedding = getattr(gpt_model, "embedding", None) if gpt_model.pre_process else None
+        used["tied_here"] = embedding is not None and embedding.word_embeddings.weight is used["weight"]
         return output_layer_input(input_, layer.sequence_parallel, layer.tp_group), None
 
     layer.forward = forward
     layer.fused_output_weight = used
 
 
-def fused_output_weight(chunk: torch.nn.Module) -> Tensor:
+def fused_output_weight(chunk: torch.nn.Module) -> tuple[Tensor, bool]:
     """The output weight the last forward of ``chunk`` (a GPTModel, possibly wrapped by DDP / Float16Module)
-    used; the fused loss takes it beside the hidden states."""
+    used, which the fused loss takes beside the hidden states, and whether it is this chunk's input embedding
+    too (tied, same stage: it gets a second gradient in the same backward)."""
     module = chunk
     while not hasattr(module, "output_layer") and hasattr(module, "module"):
         module = module.module
-    weight = getattr(getattr(module, "output_layer", None), "fused_output_weight", {}).get("weight")
-    if weight is None:
+    used = getattr(getattr(module, "output_layer", None), "fused_output_weight", {})
+    if used.get("weight") is None:
         raise RuntimeError("the fused output loss needs install_fused_output_layer() on the last stage's model")
-    return weight
+    return used["weight"], used["tied_here"]

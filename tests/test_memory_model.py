@@ -150,9 +150,16 @@ def test_output_and_loss_buffers_fused_or_not():
     # fused: final norm (2h, torch norm) + the hidden copy the loss keeps + 24 bytes/token; unfused: + fp32 logits
     assert output_saved_bytes(m, fused) == 2 * t * h * 4 + t * h * 4 + 24 * t
     assert output_saved_bytes(m, unfused) == 2 * t * h * 4 + t * h * 4 + t * v * 4
-    # fused backward: fp32 weight gradient + grad_hidden + one fp32 chunk of logits (each freed before the next)
-    assert output_backward_workspace(m, fused) == v * h * 4 + t * h * 4 + 512 * v * 4
-    assert output_backward_workspace(m, replace(fused, seq=512)) == v * h * 4 + 512 * h * 4 + 512 * v * 4
+    # fused backward: grad_hidden + one fp32 chunk of logits (each freed before the next); the weight gradient
+    # goes into the DDP buffer, and a tied weight gets no stand-in
+    assert output_backward_workspace(m, fused) == t * h * 4 + 512 * v * 4
+    assert output_backward_workspace(m, replace(fused, seq=512)) == 512 * h * 4 + 512 * v * 4
+    # untied on a GPU: megatron-core's [V, h] stand-in (bf16) once the chunks are gone, if it is the larger
+    gpu = Layout(seq=t, loss_chunk_tokens=512)
+    untied = replace(m, tied_embeddings=False)
+    assert output_backward_workspace(untied, gpu) == t * h * 2 + max(512 * v * (2 + 4), v * h * 2)
+    assert output_backward_workspace(untied, replace(gpu, loss_chunk_tokens=64)) == t * h * 2 + v * h * 2
+    assert output_backward_workspace(untied, gpu, "last") == output_backward_workspace(m, gpu, "last")
     assert estimate(m, unfused).peak - estimate(m, fused).peak > 0.9 * t * v * 4
 
 
@@ -242,10 +249,14 @@ def test_a_decoupled_head_dim_reaches_the_memory_model():
 
 
 def test_tied_output_gradient_is_held_until_the_embeddings():
-    """Measured on CPU (benchmarks/memory_bench.py): with tied embeddings the loss's [V, h] weight gradient stays
-    in autograd's input buffer through every layer's backward and the embedding's (2 x V*h*4 at its end)."""
-    lay = cpu_layout(seq=SEQ, micro_batch=MICRO)
+    """Unfused output layer, tied embeddings: the loss's [V, h] weight gradient stays in autograd's input buffer
+    through every layer's backward and the embedding's (2 x V*h*4 at its end). The fused path holds none."""
+    lay = cpu_layout(seq=SEQ, micro_batch=MICRO, fused_output_loss=False)
     tied = replace(TINY, tied_embeddings=True)
+    fused = estimate(tied, replace(lay, fused_output_loss=True))
+    assert "tied output-layer gradient (held)" not in {t.name for t in fused.terms}
+    fused_static = sum(t.bytes for t in fused.terms if t.phase == "static")
+    assert fused.phases["embedding"] == fused_static + 256 * 64 * 4
     terms = {t.name: t for t in estimate(tied, lay).terms}
     held = terms["tied output-layer gradient (held)"]
     assert held.bytes == 256 * 64 * 4 and held.phase == "layers+embedding"

@@ -122,6 +122,20 @@ def test_first_step_matches_float64_hf(tiny, layout, objective, normalization, r
     check_first_step(tiny, layout, objective, normalization, reduction, recompute)
 
 
+@pytest.fixture(scope="module")
+def tiny_untied(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_reference_untied")
+    ckpt, data = make_tiny_run_inputs(root, variant="qwen2-untied-mha")
+    return root, ckpt, data
+
+
+@pytest.mark.parametrize("layout", ["one", "tp2_sp", pytest.param("pp2", marks=pytest.mark.slow)])
+def test_untied_output_weight_matches_float64_hf(tiny_untied, layout):
+    """An untied output layer: the fused loss writes its weight gradient straight into the DDP buffer and hands
+    autograd megatron-core's stand-in (gradient-accumulation-fusion contract); lm_head's gradient as HF's."""
+    check_first_step(tiny_untied, layout, "neg_p", "global", "token_mean", "none")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,objective,normalization,reduction,recompute", SLOW_CASES)
 def test_first_step_matches_float64_hf_every_layout(tiny, layout, objective, normalization, reduction, recompute):

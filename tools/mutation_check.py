@@ -126,6 +126,10 @@ MUTATIONS = [
              "    gather_parameters(model)  # parallel.overlap_param_gather", "    # parallel.overlap_param_gather",
              ["tests/test_train.py::test_deferred_weight_gather_completes_before_every_checkpoint"],
              "overlap_param_gather: a checkpoint holds the previous step's weights for other ranks' shards"),
+    Mutation("fused_wgrad_added_twice", "megatron_sft/fused_output_loss.py",
+             "        weight.grad_added_to_main_grad = True\n", "        pass\n",
+             ["tests/test_train_reference.py::test_untied_output_weight_matches_float64_hf"],
+             "the fused loss's weight gradient in main_grad, and DDP's hook adds the stand-in on top of it"),
 ]
 
 

@@ -34,11 +34,12 @@ Pipeline: 1F1B keeps min(PP, M) micro-batches in flight on the first stage (one 
 interleaved schedule that times (1 + (PP - 1) / (PP * v)) (Korthikanti et al., sec. 4.2.3).
 
 Output and loss: unfused, one fp32 [t, V/T] buffer from forward to backward (and a [t, V/T] copy in the input
-dtype for bf16); fused (model.fused_output_loss), only a chunk of c = model.loss_chunk_tokens tokens at a time
-(fp32 [c, V/T] plus its input-dtype copy for bf16, and the previous chunk's softmax during the backward), but
-its backward allocates the [V/T, h] weight gradient; with tied embeddings (PP = 1) autograd holds that gradient
-until the embedding's arrives at the end of the backward, V*h*w/T through the layers' backward and the
-embedding's.
+dtype for bf16), and its backward allocates the [V/T, h] weight gradient; with tied embeddings (PP = 1) autograd
+holds that gradient until the embedding's arrives at the end of the backward, V*h*w/T through the layers'
+backward and the embedding's. Fused (model.fused_output_loss), only a chunk of c = model.loss_chunk_tokens
+tokens at a time (fp32 [c, V/T] plus its input-dtype copy for bf16); its weight gradient goes straight into
+the DDP buffer: nothing is held for a tied weight, and an untied one gets megatron-core's uninitialised
+[V/T, h] stand-in once the chunks are gone (never resident on CPU).
 
 Mixture of experts (E experts of gated FFN width F, top-k, EP = expert-parallel size, expert TP = T): the
 router E*h per layer (replicated), (E/EP)*3*h*F/T expert parameters per layer, their optimizer state sharded
@@ -394,18 +395,20 @@ def output_saved_bytes(m: ModelShape, lay: Layout) -> float:
     return final_norm + t * m.hidden * e / n + t * m.vocab / lay.tensor * 4
 
 
-def output_backward_workspace(m: ModelShape, lay: Layout) -> float:
-    """Temporaries of the output layer + loss backward, the first thing the backward runs. Fused: the fp32
-    [V/T, h] weight gradient (and its w-byte copy for bf16) + grad_hidden t*h*e + one chunk: its logits
-    c*V/T*e and their fp32 copy (bf16 only): c*V/T*(4 fp32 | 2 + 4 bf16) (fused_output_loss's backward frees
-    each chunk before the next is computed). Unfused: the [V/T, h] weight gradient in w bytes + grad_hidden +
-    for bf16 the gradient's [t, V/T] 2-byte copy."""
+def output_backward_workspace(m: ModelShape, lay: Layout, stage: str = "only") -> float:
+    """Temporaries of the output layer + loss backward, the first thing the backward runs. Fused: grad_hidden
+    t*h*e + the larger of one chunk, its logits c*V/T*e and their fp32 copy (bf16 only): c*V/T*(4 fp32 |
+    2 + 4 bf16) (fused_output_loss's backward frees each chunk before the next is computed; the weight gradient
+    goes into the DDP buffer), and for an untied weight the [V/T, h] w-byte stand-in handed to autograd after
+    the chunks (0 with resident_only: never written). Unfused: the [V/T, h] weight gradient in w bytes +
+    grad_hidden + for bf16 the gradient's [t, V/T] 2-byte copy."""
     t, e, v = lay.tokens, lay.e, m.vocab / lay.tensor
     if lay.fused_output_loss:
         c = min(lay.loss_chunk_tokens, t)
         chunk = c * v * (e + (4 if e != 4 else 0))
-        wgrad = v * m.hidden * (4 + (e if e != 4 else 0))
-        return wgrad + t * m.hidden * e + chunk
+        tied_here = m.tied_embeddings and stage == "only"
+        stand_in = 0.0 if tied_here or lay.resident_only else v * m.hidden * e
+        return t * m.hidden * e + max(chunk, stand_in)
     return v * m.hidden * e + t * m.hidden * e + (t * v * 2 if e == 2 else 0)
 
 
@@ -413,8 +416,9 @@ def tied_output_gradient_bytes(m: ModelShape, lay: Layout, stage: str) -> float:
     """Tied embeddings on one stage (PP = 1): the output layer's weight gradient V*h*w/T, returned by the loss's
     backward, waits in autograd's input buffer of the shared weight until the embedding's gradient arrives at
     the end of the backward (the two are summed before the weight's grad hook hands them to the DDP buffer):
-    it is held through every layer's backward and the embedding's. Untied, or PP > 1: 0."""
-    if not (m.tied_embeddings and stage == "only"):
+    it is held through every layer's backward and the embedding's. Untied, PP > 1, or the fused output loss
+    (its gradient goes into the DDP buffer, autograd gets none): 0."""
+    if not (m.tied_embeddings and stage == "only") or lay.fused_output_loss:
         return 0.0
     return m.vocab * m.hidden * lay.e / lay.tensor
 
@@ -473,7 +477,7 @@ def transient_terms(m: ModelShape, lay: Layout, stage: str) -> list[Term]:
     terms = [Term("layer backward workspace", layer_backward_workspace(m, lay), "see layer_backward_workspace",
                   "layers")]
     if stage in ("last", "only"):
-        terms.append(Term("output layer + loss backward", output_backward_workspace(m, lay),
+        terms.append(Term("output layer + loss backward", output_backward_workspace(m, lay, stage),
                           "see output_backward_workspace", "output"))
     if tied_output_gradient_bytes(m, lay, stage):
         terms.append(Term("tied output-layer gradient (held)", tied_output_gradient_bytes(m, lay, stage), "V*h*w/T",

@@ -184,11 +184,28 @@ def zero_grads(model: TrainingModel) -> None:
     model.optimizer.zero_grad()
 
 
+EXACT_CHECK_ELEMENTS = 1 << 24  # elements per slice of the exact check: a bounded temporary
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every element is finite, in one reduction pass with no temporary of the tensor's size.
+
+    ``torch.isfinite(t).all()`` builds a bool and an ``abs`` copy of ``t``: for a gradient buffer that is
+    three passes and, on a 7B model's fp32 gradients at TP=2, a 14 GB spike after every backward. A sum is
+    finite unless an element is inf/NaN (they propagate) or finite elements overflowed it; only then are the
+    elements checked exactly, a slice at a time, so a huge but finite gradient is never called non-finite."""
+    if bool(torch.isfinite(values.sum(dtype=torch.float32))):
+        return True
+    flat = values.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + EXACT_CHECK_ELEMENTS]).all())
+               for i in range(0, flat.numel(), EXACT_CHECK_ELEMENTS))
+
+
 def grads_finite(model: TrainingModel) -> bool:
     """Whether every gradient on every rank is finite (one all-reduce of a flag over the world)."""
     import torch.distributed as dist
 
-    finite = all(bool(torch.isfinite(buffer.grad_data).all()) for chunk in model.chunks for buffer in chunk.buffers)
+    finite = all(all_finite(buffer.grad_data) for chunk in model.chunks for buffer in chunk.buffers)
     flag = torch.tensor([1.0 if finite else 0.0], device=current_device())
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)

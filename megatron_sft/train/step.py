@@ -139,9 +139,10 @@ class StepRunner:
         """Per-token f(p) from the last stage's output: logits, or hidden states when the output layer is fused
         with the loss (``model.fused_output_loss``)."""
         if self.model.loss_chunk_tokens:
+            weight, tied_here = fused_output_weight(chunk)
             return fused_output_objective_loss(
-                output, fused_output_weight(chunk), batch["labels"], objective, batch["loss_mask"],
-                vocab_size=self.vocab_size, chunk_tokens=self.model.loss_chunk_tokens)
+                output, weight, batch["labels"], objective, batch["loss_mask"], vocab_size=self.vocab_size,
+                chunk_tokens=self.model.loss_chunk_tokens, weight_gets_other_gradient=tied_here)
         return vocab_parallel_objective_loss(output, batch["labels"], objective, batch["loss_mask"],
                                              vocab_size=self.vocab_size)
 
