@@ -6,9 +6,14 @@ response mask over 70% of the tokens as in SFT), at TP=1:
             logits of --chunk tokens at a time, never whole
   megatron  hidden @ W^T (megatron-core's output layer matmul) -> tensor_parallel.vocab_parallel_cross_entropy
   unfused   hidden @ W^T -> megatron_sft.loss.vocab_parallel_objective_loss (what model.fused_output_loss=false runs)
-Each variant runs in its own subprocess, so its peak is its own: on CUDA torch.cuda.max_memory_allocated above
-the inputs, on CPU the peak RSS (ru_maxrss) above the RSS with the inputs allocated. Prints time and peak
-ratios fused/megatron and fused/unfused.
+As in the trainer, the weight has megatron-core DDP's fp32 gradient buffer (``main_grad``, an input like the
+weight itself) and each backward ends with what DDP's gradient hook does: add ``weight.grad`` into it unless
+the gradient is already there (the fused path writes it there directly; the others allocate the [V, h] weight
+gradient first). Each variant runs in its own subprocess, so its peak is its own: on CUDA
+torch.cuda.max_memory_allocated above the inputs, on CPU the peak RSS (VmHWM, reset once the inputs exist) above
+the RSS then, with glibc's mmap threshold pinned at 1 MiB as in memory_bench.py, so that a freed temporary leaves
+the process instead of staying resident in the heap (``--glibc-default`` measures without the pin). Prints time
+and peak ratios fused/megatron and fused/unfused.
 
     python benchmarks/output_loss_bench.py                                   # CPU-sized default grid
     python benchmarks/output_loss_bench.py --tokens 4096 16384 --hidden 1536 3584 --reps 3   # the full grid (GPU)
@@ -19,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,14 +32,14 @@ import time
 VARIANTS = ("fused", "megatron", "unfused")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def worker(variant: str, dtype_name: str, tokens: int, hidden_size: int, vocab: int, reps: int, objective: str,
-           chunk: int) -> dict:
+           chunk: int, glibc_default: bool = False) -> dict:
     import torch
+
+    if not torch.cuda.is_available() and not glibc_default:
+        from memory_bench import pin_mmap_threshold  # beside this script
+
+        pin_mmap_threshold()
 
     from megatron_sft.parallel import init_model_parallel
 
@@ -44,6 +48,7 @@ def worker(variant: str, dtype_name: str, tokens: int, hidden_size: int, vocab: 
 
     from megatron_sft.fused_output_loss import fused_output_objective_loss
     from megatron_sft.loss import finalize_loss, reduce_loss, vocab_parallel_objective_loss
+    from megatron_sft.memory.check import measured_peak_bytes, reset_peak
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -53,6 +58,14 @@ def worker(variant: str, dtype_name: str, tokens: int, hidden_size: int, vocab: 
     weight = (torch.randn(vocab, hidden_size, generator=gen, device=device) * 0.02).to(dtype).requires_grad_(True)
     target = torch.randint(0, vocab, (tokens, 1), generator=gen, device=device)
     mask = (torch.rand(tokens, 1, generator=gen, device=device) < 0.7).float()
+    weight.main_grad = torch.zeros(vocab, hidden_size, dtype=torch.float32, device=device)  # DDP's buffer
+    weight.grad_added_to_main_grad = False
+
+    def ddp_gradient_hook() -> None:
+        """megatron-core DDP's post-accumulation hook on the weight (distributed_data_parallel.py)."""
+        if weight.grad is not None and not weight.grad_added_to_main_grad:
+            weight.main_grad.add_(weight.grad)
+        weight.grad, weight.grad_added_to_main_grad = None, False
 
     def step() -> float:
         hidden.grad = weight.grad = None
@@ -69,29 +82,24 @@ def worker(variant: str, dtype_name: str, tokens: int, hidden_size: int, vocab: 
             out = vocab_parallel_objective_loss(torch.matmul(hidden, weight.t()), target, objective, mask)
             loss = finalize_loss(*reduce_loss(out))
         loss.backward()
+        ddp_gradient_hook()
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     if cuda:
         torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        baseline = _rss_bytes()
-    step()  # warm-up (also allocates the parameter gradients, counted in every variant alike)
+    baseline = reset_peak()  # after the inputs exist: building them (fp32 randn, then a cast) peaks higher
+    step()  # warm-up
     times = [step() for _ in range(reps)]
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    return {"time_s": statistics.median(times), "peak_bytes": peak,
+    return {"time_s": statistics.median(times), "peak_bytes": measured_peak_bytes(baseline),
             "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} threads)"}
 
 
 def run_variant(args: argparse.Namespace, variant: str, dtype: str, tokens: int, hidden: int) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", variant, dtype, str(tokens), str(hidden), "--vocab", str(args.vocab),
            "--reps", str(args.reps), "--objective", args.objective, "--chunk", str(args.chunk)]
+    cmd += ["--glibc-default"] if args.glibc_default else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:  # e.g. out of memory for the unfused logits: reported, the others still run
         print(f"  {variant} failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:160]}")
@@ -108,12 +116,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="timed repetitions after one warm-up (median reported)")
     parser.add_argument("--objective", default="neg_p", help="objective of fused and unfused (megatron is NLL)")
     parser.add_argument("--chunk", type=int, default=512, help="fused: tokens per chunk (model.loss_chunk_tokens)")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="CPU: keep glibc's dynamic mmap threshold (freed heap memory may stay resident)")
     parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "DTYPE", "TOKENS", "HIDDEN"),
                         help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.worker:
         variant, dtype, tokens, hidden = args.worker[0], args.worker[1], int(args.worker[2]), int(args.worker[3])
-        print(json.dumps(worker(variant, dtype, tokens, hidden, args.vocab, args.reps, args.objective, args.chunk)))
+        print(json.dumps(worker(variant, dtype, tokens, hidden, args.vocab, args.reps, args.objective, args.chunk,
+                                args.glibc_default)))
         return
 
     print(f"output layer + loss benchmark: vocabulary {args.vocab}, objective {args.objective}, fused chunk "

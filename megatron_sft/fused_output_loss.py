@@ -128,7 +128,7 @@ def _weight_grad_for_autograd(weight: Tensor, gets_other_gradient: bool) -> Opti
     return make(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
-WGRAD_BLOCK_ROWS = 16384  # vocabulary rows per low-precision weight-gradient matmul (bounds its temporary)
+WGRAD_BLOCK_ROWS = 4096  # vocabulary rows per low-precision weight-gradient matmul (bounds its temporary)
 
 
 def _accumulate_weight_grad(acc: Tensor, grad32: Tensor, grad_low: Tensor, hidden: Tensor) -> None:
