@@ -18,8 +18,9 @@ Recomputing costs one more matmul per chunk than keeping the logits: the price o
 The weight gradient goes straight into megatron-core DDP's fp32 ``main_grad`` buffer when the weight has one
 (megatron-core's gradient-accumulation-fusion contract, see :func:`_weight_grad_for_autograd`), so no
 [V/tp, h] gradient is allocated; without DDP it is accumulated in fp32 and returned. Peak extra memory: one
-chunk's fp32 [chunk, V/tp] and its copy in the input dtype. The caller gathers the sequence-parallel hidden states (or marks them for the TP all-reduce of
-their gradient) exactly as megatron-core's ColumnParallelLinear would: :func:`output_layer_input`.
+chunk's fp32 [chunk, V/tp] and its copy in the input dtype. The caller gathers the sequence-parallel hidden
+states (or marks them for the TP all-reduce of their gradient) exactly as megatron-core's ColumnParallelLinear
+would: :func:`output_layer_input`.
 """
 
 from __future__ import annotations

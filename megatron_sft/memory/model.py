@@ -221,6 +221,11 @@ def stage_expert_parameters(m: ModelShape, lay: Layout) -> float:
     return m.layers / lay.pipeline * m.num_experts / lay.expert * expert_parameters(m) / lay.tensor
 
 
+def tied_on_stage(m: ModelShape, stage: str) -> bool:
+    """The output layer's weight is this stage's input embedding too (tied embeddings, PP = 1)."""
+    return m.tied_embeddings and stage == "only"
+
+
 def stage_parameters(m: ModelShape, lay: Layout, stage: str) -> float:
     """Parameters on one rank of a stage: (L/PP) layers / T (MoE: the router E*h whole, the experts as
     :func:`stage_expert_parameters`), + V*h/T embedding on the first stage, + V*h/T output layer and h final norm
@@ -234,7 +239,7 @@ def stage_parameters(m: ModelShape, lay: Layout, stage: str) -> float:
         params += m.vocab * m.hidden / lay.tensor
     if stage in ("last", "only"):
         params += m.hidden
-        if not (m.tied_embeddings and stage == "only"):
+        if not tied_on_stage(m, stage):
             params += m.vocab * m.hidden / lay.tensor
     return params
 
@@ -406,8 +411,7 @@ def output_backward_workspace(m: ModelShape, lay: Layout, stage: str = "only") -
     if lay.fused_output_loss:
         c = min(lay.loss_chunk_tokens, t)
         chunk = c * v * (e + (4 if e != 4 else 0))
-        tied_here = m.tied_embeddings and stage == "only"
-        stand_in = 0.0 if tied_here or lay.resident_only else v * m.hidden * e
+        stand_in = 0.0 if tied_on_stage(m, stage) or lay.resident_only else v * m.hidden * e
         return t * m.hidden * e + max(chunk, stand_in)
     return v * m.hidden * e + t * m.hidden * e + (t * v * 2 if e == 2 else 0)
 
@@ -418,7 +422,7 @@ def tied_output_gradient_bytes(m: ModelShape, lay: Layout, stage: str) -> float:
     the end of the backward (the two are summed before the weight's grad hook hands them to the DDP buffer):
     it is held through every layer's backward and the embedding's. Untied, PP > 1, or the fused output loss
     (its gradient goes into the DDP buffer, autograd gets none): 0."""
-    if not (m.tied_embeddings and stage == "only") or lay.fused_output_loss:
+    if not tied_on_stage(m, stage) or lay.fused_output_loss:
         return 0.0
     return m.vocab * m.hidden * lay.e / lay.tensor
 
