@@ -320,13 +320,16 @@ FIELD_HELP = {
     "parallel.virtual_pipeline": "model chunks per pipeline rank for interleaved 1F1B (null: off)",
     "parallel.sequence_parallel": "split norms/dropout activations over the sequence across TP ranks (null: on "
     "whenever parallel.tensor > 1; set false to turn it off)",
-    "parallel.distributed_optimizer": "shard Adam state over data-parallel ranks (ZeRO-1)",
+    "parallel.distributed_optimizer": "shard Adam state over data-parallel ranks (ZeRO-1, megatron-core's "
+    "distributed optimizer). Used only with more than one data-parallel replica: with one there is nothing to "
+    "shard and megatron-core's plain optimizer keeps the same state without the buffer copies. The two save "
+    "their state differently, so a resumed run keeps the optimizer its checkpoint was written with",
     "parallel.expert": "expert-parallel size for mixture-of-experts models: divides the experts; the world size must "
     "be a multiple of expert x tensor x pipeline (1 for dense models)",
     "parallel.overlap_grad_reduce": "reduce (or, with the distributed optimizer, reduce-scatter) each gradient "
     "bucket over data-parallel ranks as soon as its backward is done, overlapping the communication with the "
     "rest of the backward (megatron-core DDP); false: one reduction after the last micro-batch's backward. "
-    "Same gradients either way",
+    "Same gradients either way; off with one data-parallel replica (nothing to reduce)",
     "parallel.overlap_param_gather": "with parallel.distributed_optimizer: all-gather the updated weights bucket "
     "by bucket during the next forward instead of right after the optimizer step (megatron-core's forward "
     "pre-hooks); weights are gathered in full before every checkpoint. Same weights either way",

@@ -130,6 +130,11 @@ MUTATIONS = [
              "        weight.grad_added_to_main_grad = True\n", "        pass\n",
              ["tests/test_train_reference.py::test_untied_output_weight_matches_float64_hf"],
              "the fused loss's weight gradient in main_grad, and DDP's hook adds the stand-in on top of it"),
+    Mutation("resume_ignores_saved_optimizer", "megatron_sft/train/checkpointing.py",
+             '    return bool(json.loads((Path(path) / STATE_FILE).read_text()).get("distributed_optimizer", configured))\n',
+             "    return configured\n",
+             ["tests/test_train.py::test_one_replica_uses_the_plain_optimizer_and_its_checkpoint_resumes_at_dp2"],
+             "a resumed run builds the optimizer its new layout would pick, not the one whose state it loads"),
 ]
 
 

@@ -193,6 +193,7 @@ def _write_rank0_files(model: TrainingModel, tmp: Path, step: int, trainer_state
     if tokenizer_src is not None:
         copy_tokenizer_files(Path(tokenizer_src), tmp / TOKENIZER_DIR)
     state = dict(trainer_state, step=step, scheduler=model.scheduler.state_dict(), has_optimizer=save_optimizer,
+                 distributed_optimizer=model.distributed_optimizer,
                  world_size=dist.get_world_size() if dist.is_initialized() else 1)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
 
@@ -276,6 +277,15 @@ def _materialize_optimizer_state(optimizer) -> None:
             group["lr"], group["weight_decay"] = lr, decay
             for param in group["params"]:
                 param.grad = None
+
+
+def saved_distributed_optimizer(path: Optional[Path], configured: bool) -> Optional[bool]:
+    """Whether the checkpoint a run resumes from holds the distributed optimizer's state (None: no checkpoint).
+    Checkpoints from before this was recorded were written by it exactly when ``parallel.distributed_optimizer``
+    was set, at any DP."""
+    if path is None:
+        return None
+    return bool(json.loads((Path(path) / STATE_FILE).read_text()).get("distributed_optimizer", configured))
 
 
 def load_training_checkpoint(model: TrainingModel, path: str | Path) -> dict[str, Any]:

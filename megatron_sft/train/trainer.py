@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +26,8 @@ from megatron_sft.parallel import current_device
 from megatron_sft.data.batches import BatchShape, TrainingRows, batch_shape, data_parallel_share, load_rows
 from megatron_sft.data.sampler import ShardedSampler
 from megatron_sft.train.checkpoint_integrity import choose_resume_checkpoint
-from megatron_sft.train.checkpointing import LATEST, STATE_FILE, load_training_checkpoint, save_training_checkpoint
+from megatron_sft.train.checkpointing import (LATEST, STATE_FILE, load_training_checkpoint, save_training_checkpoint,
+                                              saved_distributed_optimizer)
 from megatron_sft.config import DEFAULT_EPOCHS, Config, ConfigError, TrainConfig, check_checkpoint_exists
 from megatron_sft.train.logger import RunLogger, flops_per_token, peak_flops
 from megatron_sft.train.model_setup import TrainingModel, build_training_model
@@ -209,13 +210,24 @@ def _start_up_lines(cfg: Config, layout: _Layout, run: _RunData, model: Training
                  f"{', SP' if par.sequence_parallel and par.tensor > 1 else ''}; attention "
                  f"{getattr(model.modules[0], 'attention_backend', cfg.model.attention_backend)}"
                  f"{' (auto)' if cfg.model.attention_backend == 'auto' else ''}; {layout.micro_batches} micro-batches of "
-                 f"{t.micro_batch_size} per rank per step; output loss "
+                 f"{t.micro_batch_size} per rank per step; optimizer "
+                 f"{'distributed (ZeRO-1)' if model.distributed_optimizer else 'not sharded'}"
+                 f"{_optimizer_reason(cfg, layout, model, existing)}; output loss "
                  f"{f'fused (chunks of {model.loss_chunk_tokens} tokens)' if model.loss_chunk_tokens else 'unfused'}; "
                  f"objective {objective.spec} ({objective.formula}); "
                  f"{run.total_steps} steps over {epochs:g} epochs"
                  f"{f', running {run.run_steps}' if run.run_steps < run.total_steps else ''}"
                  f"{f'; resumed from {existing.name}' if existing is not None else ''}")
     return lines
+
+
+def _optimizer_reason(cfg: Config, layout: _Layout, model: TrainingModel, existing: Optional[Path]) -> str:
+    """Why the optimizer differs from ``parallel.distributed_optimizer``, if it does."""
+    if model.distributed_optimizer == cfg.parallel.distributed_optimizer:
+        return ""
+    if existing is not None:
+        return f" (as in {existing.name}: the two optimizers' states are saved differently)"
+    return " (one data-parallel replica: nothing to shard)"
 
 
 class _Throughput:
@@ -252,8 +264,10 @@ class _MemoryWatch:
         self.predicted: Optional[float] = None
 
     def predict(self, cfg: Config, model: TrainingModel, world: int) -> str:
+        # the optimizer as built: unsharded with one replica, or kept from a resumed checkpoint
+        as_built = replace(cfg, parallel=replace(cfg.parallel, distributed_optimizer=model.distributed_optimizer))
         try:
-            line, estimate = predicted_line(cfg, model.args, world)
+            line, estimate = predicted_line(as_built, model.args, world)
         except (ValueError, KeyError, NotImplementedError) as err:  # a setup the model does not cover: say so
             return f"memory model: no prediction for this setup ({err})"
         self.predicted = estimate.peak
@@ -289,7 +303,8 @@ def _train(cfg: Config, resume: bool) -> TrainSummary:
     layout = _data_parallel_layout(cfg, world)
     run = _load_run_data(cfg, layout)
     memory = _MemoryWatch()
-    model = build_training_model(cfg, run.total_steps)
+    model = build_training_model(cfg, run.total_steps,
+                                 saved_distributed_optimizer=saved_distributed_optimizer(existing, par.distributed_optimizer))
     memory_line = memory.predict(cfg, model, world)
     objective = parse_objective(cfg.objective.name)
     runner = StepRunner(model, objective, cfg.objective)
