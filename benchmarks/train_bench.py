@@ -90,6 +90,41 @@ def gpu_mfu(root: Path, steps: int, warmup: int) -> tuple[float, float | None]:
     return ours_tokens_per_s(root / "gpu05", 1, overrides, warmup)
 
 
+def _trainer_runs(args, root: Path, rows: Path, common: list[str], shape: tuple) -> list:
+    """(name, run(repeat) -> (tokens/s, MFU)) for the transformers loop first, then each of our trainers."""
+    max_length, micro, global_batch, lr = shape
+    runs = [("transformers loop (1 process)", lambda r: (reference_tokens_per_s(
+        root / "hf", rows, max_length, micro, global_batch, args.steps, args.warmup, lr), None))]
+
+    def ours(tag: str, nproc: int, overrides: list[str]):
+        return lambda r: ours_tokens_per_s(root / f"{tag}_r{r}", nproc, common + overrides, args.warmup)
+
+    for backend in args.backends.split(","):
+        runs.append((f"megatron-sft TP=1, packing off, attention {backend}",
+                     ours(f"tp1_{backend}", 1, ["data.packing=false", f"model.attention_backend={backend}"])))
+    if not args.packing_off_only:
+        runs.append(("megatron-sft TP=1, packing on", ours("tp1p", 1, [])))
+    if not args.packing_off_only and (not torch.cuda.is_available() or torch.cuda.device_count() >= 2):
+        runs.append(("megatron-sft TP=2 (2 processes), packing on",
+                     ours("tp2", 2, ["parallel.tensor=2", "parallel.sequence_parallel=true"])))
+    return runs
+
+
+def _print_table(samples: dict[str, list[tuple[float, float | None]]]) -> None:
+    """Median tokens/s per trainer, its ratio to the transformers loop's median and, over several repeats, the
+    range of the ratios each repeat measured against that repeat's transformers loop."""
+    reference = [tps for tps, _ in next(iter(samples.values()))]
+    repeats = len(reference)
+    print(f"{'trainer':46} {'tokens/s':>10} {'ratio vs transformers':>22}" + ("   per-repeat ratios" if repeats > 1 else ""))
+    for name, values in samples.items():
+        tps = statistics.median(v for v, _ in values)
+        mfu = [m for _, m in values if m]
+        ratios = [v / ref for (v, _), ref in zip(values, reference)]
+        print(f"{name:46} {tps:10.0f} {tps / statistics.median(reference):22.2f}"
+              + (f"   {min(ratios):.2f}-{max(ratios):.2f}" if repeats > 1 else "")
+              + (f"   MFU {statistics.median(mfu):.1%}" if mfu else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
@@ -100,6 +135,9 @@ def main() -> None:
     parser.add_argument("--backends", default="auto",
                         help="comma-separated model.attention_backend values for the TP=1 packing-off rows")
     parser.add_argument("--packing-off-only", action="store_true", help="skip the packing-on and TP=2 rows")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every trainer this many times, our trainers in alternating order (ABBA); "
+                             "report the median tokens/s and the range of the per-repeat ratios")
     args = parser.parse_args()
 
     from megatron_sft.convert.hf_to_mcore import convert_hf_to_mcore
@@ -119,25 +157,19 @@ def main() -> None:
                   f"train.global_batch_size={global_batch}", f"train.micro_batch_size={micro}", "train.epochs=100",
                   f"train.max_steps={total}", f"optim.lr={lr}", "objective.name=neg_p", "checkpoint.export_hf=false",
                   "checkpoint.save_optimizer=false", "log.progress_bar=false", "log.tensorboard=false", "log.every_steps=1000"]
-        reference = reference_tokens_per_s(root / "hf", rows, max_length, micro, global_batch, args.steps, args.warmup, lr)
-        results = {"transformers loop (1 process)": (reference, None)}
-        for backend in args.backends.split(","):
-            results[f"megatron-sft TP=1, packing off, attention {backend}"] = ours_tokens_per_s(
-                root / f"tp1_{backend}", 1, common + ["data.packing=false", f"model.attention_backend={backend}"], args.warmup)
-        if not args.packing_off_only:
-            results["megatron-sft TP=1, packing on"] = ours_tokens_per_s(root / "tp1p", 1, common, args.warmup)
-        if not args.packing_off_only and (not torch.cuda.is_available() or torch.cuda.device_count() >= 2):
-            results["megatron-sft TP=2 (2 processes), packing on"] = ours_tokens_per_s(
-                root / "tp2", 2, common + ["parallel.tensor=2", "parallel.sequence_parallel=true"], args.warmup)
+        runs = _trainer_runs(args, root, rows, common, (max_length, micro, global_batch, lr))
+        samples: dict[str, list[tuple[float, float | None]]] = {name: [] for name, _ in runs}
+        for repeat in range(args.repeats):  # our trainers in reverse order on odd repeats: drift cancels out
+            ours = runs[1:] if repeat % 2 == 0 else runs[:0:-1]
+            for name, run in [runs[0], *ours]:
+                samples[name].append(run(repeat))
 
         gpu = gpu_mfu(root, args.steps, args.warmup) if torch.cuda.is_available() and not args.packing_off_only else None
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"model: Qwen2-shaped, {args.layers} layers, hidden {args.hidden}, vocab 250; objective -p; "
           f"global batch {global_batch} rows, micro batch {micro}, max length {max_length}; {device}")
-    print(f"{'trainer':46} {'tokens/s':>10} {'ratio vs transformers':>22}")
-    for name, (tps, mfu) in results.items():
-        print(f"{name:46} {tps:10.0f} {tps / reference:22.2f}" + (f"   MFU {mfu:.1%}" if mfu else ""))
+    _print_table(samples)
     if gpu is not None:
         tps, mfu = gpu
         print(f"Qwen2.5-0.5B-shaped, bf16, packed rows of 2048, 1 GPU: {tps:.0f} tokens/s, MFU "
