@@ -139,16 +139,19 @@ def _saved_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
 
 
-def test_one_replica_uses_the_plain_optimizer_and_its_checkpoint_resumes_at_dp2(tiny, uninterrupted):
+def test_one_replica_uses_the_plain_optimizer_and_its_checkpoint_resumes_at_dp2(tiny, uninterrupted, capfd):
     """TP=2 on 2 ranks is one data-parallel replica: megatron-core's plain optimizer (nothing to shard). Its
     checkpoint's optimizer state, in the plain optimizer's format, resumes at DP=2, where a fresh run would use
     the distributed optimizer: the resumed run keeps the plain one and continues the DP=2 run within fp32."""
     full, full_out = uninterrupted
     assert _saved_state(full["checkpoint"])["distributed_optimizer"] is True  # DP=2 from the start
+    capfd.readouterr()
     first, _ = _run(tiny, "one_replica", 2, *RESUME_RUN[1:], "train.max_steps=3", "parallel.tensor=2")
+    assert "optimizer not sharded (one data-parallel replica: nothing to shard)" in capfd.readouterr().out
     assert _saved_state(first["checkpoint"])["distributed_optimizer"] is False
     torch.testing.assert_close(torch.tensor(first["losses"]), torch.tensor(full["losses"][:3]), rtol=1e-5, atol=0)
     second, out = _run(tiny, "one_replica", 2, *RESUME_RUN, resume=True)
+    assert "optimizer not sharded (as in step_0000003, whose optimizer state it loads" in capfd.readouterr().out
     assert _saved_state(second["checkpoint"])["distributed_optimizer"] is False
     torch.testing.assert_close(torch.tensor(second["losses"]), torch.tensor(full["losses"][3:]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(logged(out, "grad_norm")), torch.tensor(logged(full_out, "grad_norm")), rtol=1e-4, atol=0)

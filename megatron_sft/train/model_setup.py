@@ -114,8 +114,8 @@ def optimizer_sharding(par: ParallelConfig, replicas: int, saved_distributed: Op
     With one data-parallel replica there is nothing to shard, reduce or gather, yet megatron-core's distributed
     optimizer still copies the whole gradient and weight buffers through one-rank collectives every step and
     holds the weights in its own buffer; the plain optimizer keeps the same state (Adam moments, fp32 main
-    weights for bf16) with none of that (on the 2-core CPU training benchmark, 1.3-1.6x the tokens/s). The two write
-    different optimizer-state formats, so a resumed run keeps the format of its checkpoint
+    weights for bf16) with none of that (on the 2-core CPU training benchmark, 1.3-1.6x the tokens/s). The
+    two write different optimizer-state formats, so a resumed run keeps the format of its checkpoint
     (``saved_distributed``) whatever its new layout; both optimizers work at any DP."""
     distributed = saved_distributed if saved_distributed is not None else par.distributed_optimizer and replicas > 1
     communicates = replicas > 1

@@ -30,7 +30,7 @@ from megatron_sft.train.checkpointing import (LATEST, STATE_FILE, load_training_
                                               saved_distributed_optimizer)
 from megatron_sft.config import DEFAULT_EPOCHS, Config, ConfigError, TrainConfig, check_checkpoint_exists
 from megatron_sft.train.logger import RunLogger, flops_per_token, peak_flops
-from megatron_sft.train.model_setup import TrainingModel, build_training_model
+from megatron_sft.train.model_setup import TrainingModel, build_training_model, data_parallel_replicas, optimizer_sharding
 from megatron_sft.train.preflight import check_existing_checkpoints
 from megatron_sft.train.run_lock import RunLockedError, lock_for_training
 from megatron_sft.train.save_guard import remove_stale_temporaries
@@ -212,7 +212,7 @@ def _start_up_lines(cfg: Config, layout: _Layout, run: _RunData, model: Training
                  f"{' (auto)' if cfg.model.attention_backend == 'auto' else ''}; {layout.micro_batches} micro-batches of "
                  f"{t.micro_batch_size} per rank per step; optimizer "
                  f"{'distributed (ZeRO-1)' if model.distributed_optimizer else 'not sharded'}"
-                 f"{_optimizer_reason(cfg, layout, model, existing)}; output loss "
+                 f"{_optimizer_reason(cfg, model, existing)}; output loss "
                  f"{f'fused (chunks of {model.loss_chunk_tokens} tokens)' if model.loss_chunk_tokens else 'unfused'}; "
                  f"objective {objective.spec} ({objective.formula}); "
                  f"{run.total_steps} steps over {epochs:g} epochs"
@@ -221,13 +221,14 @@ def _start_up_lines(cfg: Config, layout: _Layout, run: _RunData, model: Training
     return lines
 
 
-def _optimizer_reason(cfg: Config, layout: _Layout, model: TrainingModel, existing: Optional[Path]) -> str:
+def _optimizer_reason(cfg: Config, model: TrainingModel, existing: Optional[Path]) -> str:
     """Why the optimizer differs from ``parallel.distributed_optimizer``, if it does."""
     if model.distributed_optimizer == cfg.parallel.distributed_optimizer:
         return ""
-    if existing is not None:
-        return f" (as in {existing.name}: the two optimizers' states are saved differently)"
-    return " (one data-parallel replica: nothing to shard)"
+    if model.distributed_optimizer == optimizer_sharding(cfg.parallel, data_parallel_replicas()).distributed:
+        return " (one data-parallel replica: nothing to shard)"
+    return (f" (as in {existing.name if existing else 'the checkpoint'}, whose optimizer state it loads: the two "
+            "optimizers save it differently)")
 
 
 class _Throughput:
